@@ -1,0 +1,3464 @@
+#!/usr/bin/env python3
+"""http_bucket: keep the files that ephemeral processes hand over by HTTP.
+
+    python3 http_bucket.py [PORT] [-b ADDR] [-d ARCHIVE_DIR]
+    curl -F 'file=@results.xml' localhost:8000/upload
+    curl -I localhost:8000/checksum/<md5|sha1|sha256|sha512>
+
+One file, standard library only (python-magic is used when importable).
+Uploads are streamed to disk through hashlib, stored once under their
+sha256 (``blob/ab/cd/<sha256>``) and named by hardlinks; archives and
+compressed files are expanded into the same store.  The in-memory checksum
+index is rebuilt at startup from ARCHIVE_DIR, which stays the truth.
+The contract is SPEC.md; README.md documents it for users.
+"""
+
+__version__ = "1.0.0"
+
+# ===========================================================================
+# Imports and optional dependencies
+# ===========================================================================
+
+import argparse
+import base64
+import binascii
+import bz2
+import calendar
+import collections
+import email.utils
+import errno
+import fcntl
+import gzip
+import hashlib
+import heapq
+import hmac
+import html
+import io
+import json
+import lzma
+import mimetypes
+import os
+import posixpath
+import queue
+import re
+import secrets
+import shutil
+import signal
+import socket
+import socketserver
+import ssl
+import stat
+import sys
+import tarfile
+import threading
+import time
+import traceback
+import urllib.parse
+import zipfile
+import zlib
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+try:  # Python 3.14+: zstd in the standard library.
+    from compression import zstd as _zstd  # type: ignore
+except ImportError:  # pragma: no cover - depends on the interpreter
+    _zstd = None
+
+# python-magic gives better MIME types when it is installed; the built-in
+# sniffer below answers for the formats the store itself must recognize.
+# HTTP_BUCKET_NO_MAGIC=1 switches it off, so tests cover both paths.
+HAVE_MAGIC = False
+if not os.environ.get("HTTP_BUCKET_NO_MAGIC"):
+    try:
+        import magic  # type: ignore
+
+        HAVE_MAGIC = hasattr(magic, "from_buffer")
+    except Exception:  # ImportError, or libmagic missing under the binding
+        HAVE_MAGIC = False
+
+# ===========================================================================
+# Limits and defaults (every one is also a setting, see SETTINGS below)
+# ===========================================================================
+
+CHUNK_SIZE = 1024 * 1024            # bytes per read of a body: 1 MiB keeps
+                                    # hashlib (GIL released) busy per call
+SMALL_BODY = 256 * 1024             # bodies up to this are hashed inline;
+                                    # larger ones by one thread per digest
+MAX_REQUEST_LINE = 8192             # bytes, like most servers' URL limit
+MAX_HEADER_LINE = 8192              # bytes per header line
+MAX_HEADERS = 100                   # header lines per request (http.client's)
+MAX_PART_HEADERS = 4096 + 128       # bytes of one part's header block:
+                                    # 4 KiB is plenty (multipart.py's figure)
+MAX_FIELD_SIZE = 64 * 1024          # bytes of a form field without filename
+MAX_FIELDS = 128                    # form fields per request
+MAX_CHUNK_LINE = 1024               # bytes of a chunk-size line (extensions)
+MAX_TRAILERS = 8192                 # bytes of chunked trailers in all
+MAX_NAME_BYTES = 255                # one path segment (NAME_MAX on Linux)
+MAX_PATH_BYTES = 4096               # a whole relative path (PATH_MAX)
+MAX_JSON_LIST = 10000               # members listed in a response's
+                                    # "extracted.files" (count says all)
+LISTING_PAGE = 1000                 # default entries per JSON listing page
+INDEX_WAIT = 30.0                   # seconds a lookup waits for the startup
+                                    # index load before answering
+ESTALE_RETRIES = 5                  # reads retried on ESTALE/ENOENT races
+                                    # of a shared filesystem (dfs/README.md)
+SHUTDOWN_GRACE = 30.0               # seconds SIGTERM waits for uploads
+
+DEFAULT_DIGESTS = ("md5", "sha256", "sha512")
+LOOKUP_LENGTHS = {32: "md5", 40: "sha1", 64: "sha256", 128: "sha512"}
+XATTR_SHA256 = "user.http_bucket.sha256"  # on each blob inode, so any name
+                                          # (a hardlink) tells its blob
+
+# ===========================================================================
+# Errors: each carries its HTTP status; the dispatcher turns them into JSON
+# ===========================================================================
+
+
+class BucketError(Exception):
+    """A refusal for the client: ``status`` and a message saying why.
+
+    ``headers`` travel with the response (``Allow``, ``WWW-Authenticate``,
+    ``Retry-After``).
+    """
+
+    status = 500
+
+    def __init__(self, message, headers=None, status=None):
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+        if status is not None:
+            self.status = status
+
+
+class BadRequest(BucketError):
+    status = 400
+
+
+class Unauthorized(BucketError):
+    status = 401
+
+
+class NotFound(BucketError):
+    status = 404
+
+
+class MethodNotAllowed(BucketError):
+    status = 405
+
+
+class Conflict(BucketError):
+    status = 409
+
+
+class LengthRequired(BucketError):
+    status = 411
+
+
+class PreconditionFailed(BucketError):
+    status = 412
+
+
+class TooLarge(BucketError):
+    status = 413
+
+
+class UnsupportedMediaType(BucketError):
+    status = 415
+
+
+class RangeNotSatisfiable(BucketError):
+    status = 416
+
+
+class Unavailable(BucketError):
+    status = 503
+
+
+class InsufficientStorage(BucketError):
+    status = 507
+
+
+class ClientGone(Exception):
+    """The client closed or stalled mid-request; nothing can be answered."""
+
+
+class ConfigError(Exception):
+    """A setting with a bad value; the message names the setting."""
+
+
+def storage_error(exc):
+    """Map an OSError from the store to a BucketError, or re-raise it."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return InsufficientStorage("not enough disk space to store the upload")
+    raise exc
+
+
+# ===========================================================================
+# Small helpers: sizes, names, paths, time
+# ===========================================================================
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*(b|k|kb|kib|m|mb|mib|g|gb|gib|t|tb|tib)?\s*$", re.I)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text):
+    """``'16gb'`` -> bytes, binary units as the seed had them (1kb = 1024).
+
+    Raises ValueError for anything else.
+    """
+    match = _SIZE_RE.match(str(text))
+    if not match:
+        raise ValueError("expected <int> or <int>kb|mb|gb, got %r" % (text,))
+    unit = (match.group(2) or "").lower()[:1]
+    return int(match.group(1)) * _SIZE_UNITS[unit]
+
+
+def format_size(count):
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if count < 1024 or unit == "TiB":
+            return ("%d %s" if unit == "B" else "%.1f %s") % (count, unit)
+        count /= 1024.0
+
+
+_UNSAFE_NAME_CHARS = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|]')
+
+
+def safe_filename(name, default="upload"):
+    """A client's file name reduced to one harmless path segment.
+
+    Directory parts (either slash) are dropped, control and shell-hostile
+    characters become ``_``, leading dots are removed (no ``..``, no hidden
+    files), and the result is cut to MAX_NAME_BYTES of UTF-8.
+    """
+    name = (name or "").replace("\\", "/").rsplit("/", 1)[-1]
+    name = _UNSAFE_NAME_CHARS.sub("_", name).strip().lstrip(".").strip()
+    if not name:
+        return default
+    encoded = name.encode("utf-8", "surrogatepass")
+    if len(encoded) > MAX_NAME_BYTES:
+        stem, ext = posixpath.splitext(name)
+        ext = ext[:16]
+        room = MAX_NAME_BYTES - len(ext.encode("utf-8"))
+        stem = stem.encode("utf-8")[:room].decode("utf-8", "ignore")
+        name = stem + ext
+    return name
+
+
+def check_segment(segment, what="path"):
+    """Refuse (BadRequest) a path segment that could leave its directory."""
+    if segment in ("", ".", ".."):
+        raise BadRequest("%s segment %r is not allowed" % (what, segment))
+    if "\x00" in segment or "/" in segment or "\\" in segment:
+        raise BadRequest("%s segment %r holds a separator or NUL" % (what, segment))
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in segment):
+        raise BadRequest("%s segment %r holds a control character" % (what, segment))
+    if len(segment.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        raise BadRequest("%s segment longer than %d bytes" % (what, MAX_NAME_BYTES))
+    return segment
+
+
+def split_url_path(raw, what="path"):
+    """Percent-decode a URL path segment by segment, refusing traversal.
+
+    Returns the list of decoded segments.  Each segment is decoded on its
+    own, so ``%2F`` or ``%2e%2e`` can never become a separator or ``..``.
+    """
+    if len(raw) > MAX_PATH_BYTES:
+        raise BadRequest("%s longer than %d bytes" % (what, MAX_PATH_BYTES))
+    segments = []
+    for piece in raw.split("/"):
+        if piece == "":
+            continue
+        segment = urllib.parse.unquote(piece, errors="strict")
+        segments.append(check_segment(segment, what))
+    return segments
+
+
+def contained(root, *parts):
+    """``root/parts`` after resolving links, or NotFound if it leaves root.
+
+    The one containment check for every name from outside: URL paths,
+    archive members, replica header values and ``.latest`` links.
+    """
+    path = os.path.realpath(os.path.join(root, *parts))
+    real_root = os.path.realpath(root)
+    if path != real_root and not path.startswith(real_root + os.sep):
+        raise NotFound("path leaves the archive directory")
+    return path
+
+
+def utc_now():
+    return time.time()
+
+
+def http_date(timestamp=None):
+    return email.utils.formatdate(timestamp, usegmt=True)
+
+
+def parse_http_date(text):
+    try:
+        parsed = email.utils.parsedate_tz(text)
+        return None if parsed is None else email.utils.mktime_tz(parsed)
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def fsync_dir(path):
+    """fsync a directory so a new name in it survives a crash."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def makedirs(path):
+    os.makedirs(path, exist_ok=True)
+
+
+def retry_stale(func, *args):
+    """Call ``func(*args)``, retrying ESTALE/ENOENT briefly.
+
+    A path replaced by another host of a shared filesystem (rename-over,
+    symlink flip) is briefly unreadable; dfs/README.md measured 0.01-0.2 %.
+    """
+    for attempt in range(ESTALE_RETRIES):
+        try:
+            return func(*args)
+        except OSError as exc:
+            if exc.errno not in (errno.ESTALE, errno.ENOENT) or attempt == ESTALE_RETRIES - 1:
+                raise
+            time.sleep(0.002 * (attempt + 1))
+    return None  # not reached
+
+
+def json_bytes(obj):
+    return (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+# ===========================================================================
+# Configuration: one table of settings -> flags, variables, /config, README
+# ===========================================================================
+
+
+def _positive_int(text):
+    value = int(text)
+    if value <= 0:
+        raise ValueError("must be a positive integer")
+    return value
+
+
+def _non_negative_float(text):
+    value = float(text)
+    if not value >= 0:
+        raise ValueError("must be a number >= 0")
+    return value
+
+
+def _size_or_zero(text):
+    return parse_size(text)
+
+
+def _digests(text):
+    names = [name.strip().lower() for name in str(text).split(",") if name.strip()]
+    for name in names:
+        try:
+            hashlib.new(name)
+        except (ValueError, TypeError):
+            raise ValueError("unknown hashlib algorithm %r" % name)
+        if name.startswith("shake_"):
+            raise ValueError("%s has no fixed digest length" % name)
+    if "sha256" not in names:
+        names.append("sha256")  # blobs are addressed by it
+    return tuple(dict.fromkeys(names))
+
+
+def _bool(text):
+    lowered = str(text).strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _choice(*choices):
+    def parse(text):
+        if text not in choices:
+            raise ValueError("expected one of %s" % ", ".join(choices))
+        return text
+    return parse
+
+
+def _path_or_empty(text):
+    return os.path.abspath(text) if text else ""
+
+
+Setting = collections.namedtuple(
+    "Setting", "dest flags env default parse metavar help secret")
+
+#: Every setting: its flags, its environment variable, its default (as text,
+#: parsed like a user's value), and what it means.  Flags win over variables.
+SETTINGS = [
+    Setting("port", ("port",), "BUCKET_PORT", "8000", _positive_int, "PORT",
+            "TCP port to listen on", False),
+    Setting("bind", ("-b", "--bind"), "BUCKET_BIND", "", str, "ADDRESS",
+            "address to bind (default: all interfaces)", False),
+    Setting("directory", ("-d", "--directory"), "ARCHIVE_DIR", "./archive",
+            os.path.abspath, "DIR", "where everything is stored", False),
+    Setting("uri", ("--uri",), "ARCHIVE_URI", "", str, "URL",
+            "base of absolute urls in responses (default: relative)", False),
+    Setting("checksum_type", ("--checksum-type",), "CHECKSUM_TYPE", "sha256",
+            _choice("md5", "sha1", "sha256", "sha512"), "ALG",
+            "digest in the seed's 'checksum' response key", False),
+    Setting("digests", ("--digests",), "BUCKET_DIGESTS", ",".join(DEFAULT_DIGESTS),
+            _digests, "ALG,..", "hashlib algorithms computed for every blob "
+            "(sha256 always)", False),
+    Setting("max_content_length", ("--max-content-length",), "MAX_CONTENT_LENGTH",
+            "16gb", _size_or_zero, "BYTES",
+            "largest request body, <int> or <int>kb|mb|gb; 0 = no limit", False),
+    Setting("max_members", ("--max-members",), "BUCKET_MAX_MEMBERS", "100000",
+            _positive_int, "COUNT", "archive members expanded at most", False),
+    Setting("max_expanded", ("--max-expanded",), "BUCKET_MAX_EXPANDED", "16gb",
+            parse_size, "BYTES", "bytes an archive or compressed file may "
+            "expand to", False),
+    Setting("max_ratio", ("--max-ratio",), "BUCKET_MAX_RATIO", "250",
+            _non_negative_float, "RATIO", "expanded : compressed size ratio "
+            "allowed; 0 = no limit", False),
+    Setting("retain_days", ("--retain-days",), "BUCKET_RETAIN_DAYS", "0",
+            _non_negative_float, "DAYS", "default retention of uploads and "
+            "names; 0 = keep forever", False),
+    Setting("sweep_interval", ("--sweep-interval",), "BUCKET_SWEEP_INTERVAL", "60",
+            _non_negative_float, "SECONDS", "how often expired names are "
+            "removed", False),
+    Setting("token", ("--token",), "BUCKET_TOKEN", "", str, "TOKEN",
+            "token required to POST, PUT and DELETE (default: none)", True),
+    Setting("read_token", ("--read-token",), "BUCKET_READ_TOKEN", "", str, "TOKEN",
+            "token required to read (default: none)", True),
+    Setting("token_file", ("--token-file",), "BUCKET_TOKEN_FILE", "",
+            _path_or_empty, "FILE", "file holding the write token "
+            "(first line), instead of BUCKET_TOKEN", False),
+    Setting("read_token_file", ("--read-token-file",), "BUCKET_READ_TOKEN_FILE", "",
+            _path_or_empty, "FILE", "file holding the read token", False),
+    Setting("certfile", ("--certfile",), "BUCKET_CERTFILE", "", _path_or_empty,
+            "FILE", "TLS certificate chain (PEM); enables HTTPS", False),
+    Setting("keyfile", ("--keyfile",), "BUCKET_KEYFILE", "", _path_or_empty,
+            "FILE", "TLS private key (PEM)", False),
+    Setting("max_connections", ("--max-connections",), "BUCKET_MAX_CONNECTIONS",
+            "256", _positive_int, "COUNT", "connections served at once; "
+            "more get 503", False),
+    Setting("timeout", ("--timeout",), "BUCKET_TIMEOUT", "30",
+            _non_negative_float, "SECONDS", "idle and per-read timeout of a "
+            "connection", False),
+    Setting("fsync", ("--fsync",), "BUCKET_FSYNC", "true", _bool, "BOOL",
+            "fsync every blob before publishing it", False),
+    Setting("log_format", ("--log-format",), "BUCKET_LOG_FORMAT", "text",
+            _choice("text", "json"), "FORMAT", "access log: text or json", False),
+]
+
+REPLICATE_VARIABLES = ["REPLICATE_%d" % number for number in range(10)]
+
+
+class Config:
+    """The effective settings: one object, built by ``load_config``."""
+
+    def __init__(self, **values):
+        for setting in SETTINGS:
+            setattr(self, setting.dest, setting.parse(setting.default))
+        self.replicate = []
+        for name, value in values.items():
+            setattr(self, name, value)
+
+    def public(self):
+        """The settings as JSON-able dict, without secrets (GET /config)."""
+        shown = {}
+        for setting in SETTINGS:
+            value = getattr(self, setting.dest)
+            if setting.secret:
+                value = bool(value)  # says whether one is set, never which
+            elif isinstance(value, tuple):
+                value = list(value)
+            shown[setting.dest] = value
+        shown["replicate"] = [template.text for template in self.replicate]
+        shown["retention"] = (
+            "names and uploads expire %g days after upload unless X-Retain-Days "
+            "says otherwise" % self.retain_days if self.retain_days else
+            "kept until deleted unless X-Retain-Days or ?retain_days= is given")
+        shown["magic"] = HAVE_MAGIC
+        shown["version"] = __version__
+        return shown
+
+
+# ===========================================================================
+# Request bodies: Content-Length and chunked reading, multipart push parser
+# ===========================================================================
+
+
+class BodyReader:
+    """The body of one request, read from ``rfile`` and never past its end.
+
+    Framed by ``length`` (Content-Length) or, with ``chunked``, by chunked
+    transfer coding (RFC 9112 section 7.1), decoded here because
+    http.server does not.  ``limit`` bounds the decoded size (0: none).
+    ``before_first_read`` is called once before the first byte is read
+    (the handler answers ``Expect: 100-continue`` there).
+
+    ``read`` returns bytes, b"" at the end; raises BadRequest for a
+    malformed framing, TooLarge past ``limit``, ClientGone when the client
+    closes or times out before the end.
+    """
+
+    def __init__(self, rfile, length=None, chunked=False, limit=0,
+                 before_first_read=None):
+        self.rfile = rfile
+        self.chunked = chunked
+        self.remaining = 0 if chunked else (length or 0)
+        self.limit = limit
+        self.received = 0
+        self.finished = not chunked and not length
+        self._before_first_read = before_first_read
+
+    def read(self, size=CHUNK_SIZE):
+        if self.finished:
+            return b""
+        if self._before_first_read is not None:
+            callback, self._before_first_read = self._before_first_read, None
+            callback()
+        if self.chunked and self.remaining == 0:
+            self._next_chunk()
+            if self.finished:
+                return b""
+        data = self._read_exactly(min(size, self.remaining))
+        self.remaining -= len(data)
+        self.received += len(data)
+        if self.limit and self.received > self.limit:
+            raise TooLarge("request body over MAX_CONTENT_LENGTH (%d bytes)" % self.limit)
+        if self.remaining == 0:
+            if self.chunked:
+                if self._read_exactly(2) != b"\r\n":
+                    raise BadRequest("chunked body: chunk data not followed by CRLF")
+            else:
+                self.finished = True
+        return data
+
+    def drain(self):
+        """Read and drop the rest of the body (to keep the connection)."""
+        while self.read():
+            pass
+
+    def _read_exactly(self, size):
+        try:
+            data = self.rfile.read(size)
+        except (socket.timeout, ConnectionError, ssl.SSLError, OSError) as exc:
+            raise ClientGone("reading the body: %s" % exc)
+        if len(data) < size:
+            raise ClientGone("client closed the connection mid-body")
+        return data
+
+    def _readline(self, limit, what):
+        try:
+            line = self.rfile.readline(limit + 1)
+        except (socket.timeout, ConnectionError, ssl.SSLError, OSError) as exc:
+            raise ClientGone("reading the body: %s" % exc)
+        if not line:
+            raise ClientGone("client closed the connection mid-body")
+        if len(line) > limit or not line.endswith(b"\n"):
+            raise BadRequest("chunked body: %s longer than %d bytes" % (what, limit))
+        return line
+
+    def _next_chunk(self):
+        line = self._readline(MAX_CHUNK_LINE, "chunk-size line")
+        size_text = line.split(b";", 1)[0].strip()
+        if not size_text or any(c not in b"0123456789abcdefABCDEF" for c in size_text):
+            raise BadRequest("chunked body: bad chunk size %r" % size_text[:40].decode("latin-1"))
+        self.remaining = int(size_text, 16)
+        if self.remaining == 0:
+            self._skip_trailers()
+            self.finished = True
+
+    def _skip_trailers(self):
+        total = 0
+        while True:
+            line = self._readline(MAX_TRAILERS, "trailer section")
+            total += len(line)
+            if total > MAX_TRAILERS:
+                raise BadRequest("chunked body: trailer section over %d bytes" % MAX_TRAILERS)
+            if line in (b"\r\n", b"\n"):
+                return
+
+
+PartInfo = collections.namedtuple("PartInfo", "name filename content_type headers")
+
+_PARAM_RE = re.compile(
+    r';\s*([^\s=;"]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)', re.S)
+
+
+def parse_header_params(value):
+    """``'form-data; name="f"; filename*=UTF-8''%C3%A9'`` -> (type, params).
+
+    Quoted strings lose their quotes; ``\\"`` and ``\\\\`` are unescaped, any
+    other backslash is kept (old browsers send Windows paths unescaped).
+    RFC 5987 ``name*`` values are decoded and win over ``name``.
+    """
+    main, _, rest = value.partition(";")
+    params = {}
+    extended = {}
+    for match in _PARAM_RE.finditer(";" + rest):
+        key, raw = match.group(1).lower(), match.group(2).strip()
+        if raw.startswith('"') and raw.endswith('"') and len(raw) >= 2:
+            raw = re.sub(r'\\(["\\])', r"\1", raw[1:-1])
+        if key.endswith("*"):
+            decoded = _decode_rfc5987(raw)
+            if decoded is not None:
+                extended[key[:-1]] = decoded
+        else:
+            params[key] = raw
+    params.update(extended)
+    return main.strip().lower(), params
+
+
+def _decode_rfc5987(value):
+    charset, sep, rest = value.partition("'")
+    if not sep:
+        return None
+    _language, sep, encoded = rest.partition("'")
+    if not sep:
+        return None
+    try:
+        return urllib.parse.unquote(encoded, encoding=charset or "utf-8", errors="strict")
+    except (LookupError, UnicodeDecodeError):
+        return None
+
+
+class MultipartParser:
+    """Sans-IO ``multipart/form-data`` parser (RFC 7578, RFC 2046 5.1).
+
+    ``feed(chunk)`` takes bytes as they arrive and returns a list of events:
+    ``("part", PartInfo)``, ``("data", bytes-like)``, ``("end", None)`` for
+    each part, in order.  ``close()`` is called at the end of the body and
+    raises BadRequest if the closing delimiter was not seen.  Between
+    feeds at most ``len(delimiter) - 1`` body bytes are held back (a
+    delimiter may be split across reads); everything else is emitted at
+    once, as memoryview slices of the fed chunk where possible (valid until
+    the chunk is dropped).  Malformed input raises BadRequest saying what.
+    """
+
+    PREAMBLE, AFTER_DELIMITER, HEADERS, BODY, EPILOGUE = range(5)
+
+    def __init__(self, boundary, max_header_size=MAX_PART_HEADERS):
+        if not boundary or len(boundary) > 70:
+            raise BadRequest("multipart boundary must be 1 to 70 characters")
+        if isinstance(boundary, str):
+            boundary = boundary.encode("latin-1")
+        self.delimiter = b"\r\n--" + boundary
+        self.max_header_size = max_header_size
+        self.state = self.PREAMBLE
+        # The body's first delimiter has no CRLF before it: pretend it had.
+        self.carry = b"\r\n"
+        self.header_buf = bytearray()
+        self.parts = 0
+
+    def feed(self, chunk):
+        if not isinstance(chunk, bytes):
+            chunk = bytes(chunk)
+        events = []
+        data, pos = self._join_carry(chunk, events)
+        while pos < len(data) and self.state != self.EPILOGUE:
+            if self.state in (self.BODY, self.PREAMBLE):
+                pos = self._body(data, pos, events)
+            elif self.state == self.AFTER_DELIMITER:
+                pos = self._after_delimiter(data, pos, events)
+            else:
+                pos = self._headers(data, pos, events)
+        return events
+
+    def close(self):
+        if self.state != self.EPILOGUE:
+            where = {self.PREAMBLE: "before the first boundary",
+                     self.HEADERS: "inside a part's headers"}.get(self.state, "inside a part")
+            raise BadRequest("multipart body ended %s (no closing boundary)" % where)
+
+    def _join_carry(self, chunk, events):
+        """(data, pos) to parse next, with held-back bytes put in front.
+
+        In a part body a large chunk is not copied: the few held-back bytes
+        are checked against the chunk's head alone.
+        """
+        if not self.carry:
+            return chunk, 0
+        carry, self.carry = self.carry, b""
+        size = len(self.delimiter)
+        if self.state == self.BODY and len(chunk) >= size:
+            head = carry + bytes(chunk[:size])
+            found = head.find(self.delimiter)
+            if 0 <= found < len(carry):
+                if found:
+                    events.append(("data", carry[:found]))
+                events.append(("end", None))
+                self.state = self.AFTER_DELIMITER
+                return chunk, found + size - len(carry)
+            events.append(("data", carry))
+            return chunk, 0
+        return carry + bytes(chunk), 0
+
+    def _body(self, data, pos, events):
+        found = data.find(self.delimiter, pos)
+        in_body = self.state == self.BODY
+        if found >= 0:
+            if in_body:
+                if found > pos:
+                    events.append(("data", memoryview(data)[pos:found]))
+                events.append(("end", None))
+            self.state = self.AFTER_DELIMITER
+            return found + len(self.delimiter)
+        keep = self._partial_delimiter_start(data, pos)
+        if in_body and keep > pos:
+            events.append(("data", memoryview(data)[pos:keep]))
+        self.carry = bytes(data[keep:])
+        return len(data)
+
+    def _partial_delimiter_start(self, data, pos):
+        """Where a possible start of the delimiter begins at data's end."""
+        start = max(pos, len(data) - len(self.delimiter) + 1)
+        while True:
+            cr = data.find(b"\r", start)
+            if cr < 0:
+                return len(data)
+            if self.delimiter.startswith(bytes(data[cr:])):
+                return cr
+            start = cr + 1
+
+    def _after_delimiter(self, data, pos, events):
+        tail = bytes(data[pos:pos + 2])
+        if tail == b"--":
+            self.state = self.EPILOGUE
+            return len(data)
+        if len(tail) < 2 and tail in (b"", b"-", b"\r", b" ", b"\t"):
+            self.carry = tail
+            return len(data)
+        end = pos
+        while end < len(data) and data[end] in b" \t":  # transport padding
+            end += 1
+            if end - pos > 1024:
+                raise BadRequest("multipart boundary line too long")
+        rest = bytes(data[end:end + 2])
+        if rest == b"\r\n":
+            self.state = self.HEADERS
+            self.header_buf = bytearray(b"\r\n")
+            return end + 2
+        if rest in (b"", b"\r"):
+            self.carry = bytes(data[pos:])
+            return len(data)
+        raise BadRequest("multipart boundary not followed by CRLF or '--'")
+
+    def _headers(self, data, pos, events):
+        start = len(self.header_buf)
+        self.header_buf += data[pos:pos + self.max_header_size + 4]
+        found = self.header_buf.find(b"\r\n\r\n", max(0, start - 3))
+        if found < 0:
+            if len(self.header_buf) > self.max_header_size + 2:
+                raise BadRequest("multipart part headers over %d bytes" % self.max_header_size)
+            return len(data)
+        if found > self.max_header_size + 2:
+            raise BadRequest("multipart part headers over %d bytes" % self.max_header_size)
+        block = bytes(self.header_buf[2:found])
+        self.header_buf = bytearray()
+        events.append(("part", self._part_info(block)))
+        self.state = self.BODY
+        self.parts += 1
+        return pos + (found + 4 - start)
+
+    def _part_info(self, block):
+        try:
+            text = block.decode("utf-8")
+        except UnicodeDecodeError:
+            text = block.decode("latin-1")
+        headers = {}
+        last = None
+        for line in text.split("\r\n") if text else ():
+            if line[:1] in (" ", "\t") and last:  # obsolete line folding
+                headers[last] += " " + line.strip()
+                continue
+            name, sep, value = line.partition(":")
+            if not sep or not name.strip() or name != name.rstrip():
+                raise BadRequest("multipart part header line without 'name: value': %r" % line[:60])
+            last = name.strip().lower()
+            headers[last] = value.strip()
+        disposition = headers.get("content-disposition")
+        if disposition is None:
+            raise BadRequest("multipart part without Content-Disposition")
+        kind, params = parse_header_params(disposition)
+        if kind != "form-data" or "name" not in params:
+            raise BadRequest("multipart part's Content-Disposition is not form-data with a name")
+        return PartInfo(params["name"], params.get("filename"),
+                        headers.get("content-type", "text/plain"), headers)
+
+
+def multipart_boundary(content_type):
+    """The boundary of a ``multipart/form-data`` Content-Type.
+
+    Raises UnsupportedMediaType for another type, BadRequest without boundary.
+    """
+    kind, params = parse_header_params(content_type or "")
+    if kind != "multipart/form-data":
+        raise UnsupportedMediaType(
+            "POST needs Content-Type multipart/form-data (got %r); "
+            "use PUT for a raw body" % (kind or "none"))
+    boundary = params.get("boundary", "")
+    if not boundary:
+        raise BadRequest("multipart/form-data Content-Type without boundary")
+    try:
+        return boundary.encode("latin-1")
+    except UnicodeEncodeError:
+        raise BadRequest("multipart boundary must be ASCII")
+
+
+# ===========================================================================
+# Store: hashing while writing, staging, blobs, the journal, the index
+# ===========================================================================
+
+
+class Digester:
+    """All configured digests of a stream, computed in one pass.
+
+    Small streams are hashed inline.  Past SMALL_BODY bytes each algorithm
+    gets a thread of its own: hashlib releases the GIL on large buffers, so
+    md5 (506 MB/s here), sha256 and sha512 (455 MB/s) run on all cores.
+    ``update`` takes bytes or a memoryview of immutable bytes (the worker
+    threads read it later).  ``hexdigests`` returns {name: hex}; ``close``
+    stops the threads (safe to call twice).
+    """
+
+    def __init__(self, algorithms):
+        self.hashes = {name: hashlib.new(name) for name in algorithms}
+        self.size = 0
+        self._queues = None
+        self._threads = ()
+
+    def update(self, data):
+        self.size += len(data)
+        if self._queues is None and self.size > SMALL_BODY and len(self.hashes) > 1:
+            self._start_threads()
+        if self._queues:
+            for work in self._queues:
+                work.put(data)
+        else:
+            for digest in self.hashes.values():
+                digest.update(data)
+
+    def _start_threads(self):
+        self._queues = []
+        threads = []
+        for digest in self.hashes.values():
+            work = queue.Queue(maxsize=8)  # 8 MiB in flight at most
+            thread = threading.Thread(target=self._run, args=(digest, work),
+                                      daemon=True, name="digest-" + digest.name)
+            thread.start()
+            self._queues.append(work)
+            threads.append(thread)
+        self._threads = threads
+
+    @staticmethod
+    def _run(digest, work):
+        while True:
+            data = work.get()
+            if data is None:
+                return
+            digest.update(data)
+
+    def close(self):
+        if self._queues:
+            for work in self._queues:
+                work.put(None)
+            for thread in self._threads:
+                thread.join()
+        self._queues = ()
+
+    def hexdigests(self):
+        self.close()
+        return {name: digest.hexdigest() for name, digest in self.hashes.items()}
+
+
+class StagedBlob:
+    """A file being written under this process's staging directory.
+
+    ``write`` hashes and writes; ``finish`` fsyncs, makes it read-only and
+    returns its digests; ``discard`` removes it (always call it, also after
+    publishing: the blob and names are hardlinks, so the staged name can go).
+    Raises InsufficientStorage when the disk is full.
+    """
+
+    SNIFF_BYTES = 4096
+
+    def __init__(self, store, filename="upload"):
+        self.store = store
+        self.filename = filename
+        self.path = os.path.join(store.staging_dir, "up-" + secrets.token_hex(8))
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self.digester = Digester(store.algorithms)
+        self.head = b""
+        self.digests = None
+        self.size = 0
+
+    def write(self, data):
+        if len(self.head) < self.SNIFF_BYTES:
+            self.head += bytes(data[:self.SNIFF_BYTES - len(self.head)])
+        view = memoryview(data)
+        try:
+            while view:
+                written = os.write(self.fd, view)
+                view = view[written:]
+        except OSError as exc:
+            raise storage_error(exc)
+        self.digester.update(data)
+        self.size += len(data)
+
+    def finish(self, sync=True):
+        """Seal the file: returns {algorithm: hex}.
+
+        ``sync=False`` leaves the fsync to the caller (a batch of members).
+        """
+        self.digests = self.digester.hexdigests()
+        try:
+            if sync and self.store.config.fsync:
+                os.fsync(self.fd)
+            os.fchmod(self.fd, 0o444)  # blobs are read-only on disk
+            try:
+                os.setxattr(self.fd, XATTR_SHA256, self.digests["sha256"].encode())
+            except (OSError, AttributeError):
+                pass  # no user xattrs here: names are hashed when asked
+        except OSError as exc:
+            raise storage_error(exc)
+        finally:
+            os.close(self.fd)
+            self.fd = None
+        return self.digests
+
+    def discard(self):
+        self.digester.close()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.discard()
+
+
+BlobInfo = collections.namedtuple("BlobInfo", "sha256 size digests new path")
+
+
+class ChecksumIndex:
+    """digest -> sha256 of the blob, for every configured algorithm.
+
+    Memory per blob is what bounds startup (target: <= 300 bytes): digests
+    are kept as bytes, and sha512 keys are cut to their first 16 bytes (a
+    false match needs a 128-bit sha512 prefix collision, about 2**64 work).
+    Thread-safe for one writer at a time plus lock-free readers (dict and
+    set operations are atomic under the GIL).
+    """
+
+    KEY_BYTES = {"sha512": 16, "sha384": 16, "blake2b": 16}
+
+    def __init__(self, algorithms):
+        self.algorithms = algorithms
+        self.blobs = set()
+        self.aliases = {name: {} for name in algorithms if name != "sha256"}
+        self.lock = threading.Lock()
+
+    def _key(self, algorithm, raw):
+        return raw[:self.KEY_BYTES.get(algorithm, 64)]
+
+    def add(self, digests):
+        sha256 = bytes.fromhex(digests["sha256"])
+        with self.lock:
+            self.blobs.add(sha256)
+            for name, table in self.aliases.items():
+                if name in digests:
+                    table[self._key(name, bytes.fromhex(digests[name]))] = sha256
+
+    def get(self, algorithm, raw):
+        """sha256 bytes for a raw digest of ``algorithm``, or None."""
+        if algorithm == "sha256":
+            return raw if raw in self.blobs else None
+        table = self.aliases.get(algorithm)
+        return None if table is None else table.get(self._key(algorithm, raw))
+
+    def discard(self, sha256):
+        """Forget a blob (its aliases are dropped when looked up)."""
+        with self.lock:
+            self.blobs.discard(sha256)
+
+    def __len__(self):
+        return len(self.blobs)
+
+
+class Journal:
+    """This process's append-only record of blobs, pins and retention.
+
+    One file per process in ``index/`` (several processes may share the
+    directory), tab-separated lines:
+
+        B <time> <size> <alg>=<hex> ...      a blob and its digests
+        P <time> <sha256> <retain_until>      pinned: kept without a name
+        U <time> <sha256>                     unpinned
+        E <time> <retain_until> <relpath>     a name's expiry (0: none)
+
+    The file is locked (fcntl) while its process lives: an unlockable
+    journal belongs to a live process.  Lines are written whole with one
+    O_APPEND write before the thing they describe becomes visible.
+    """
+
+    def __init__(self, directory, process_id):
+        self.directory = directory
+        self.path = os.path.join(directory, process_id + ".log")
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self.lock = threading.Lock()
+
+    def write(self, *fields):
+        line = "\t".join(str(field) for field in fields) + "\n"
+        try:
+            os.write(self.fd, line.encode("utf-8", "surrogateescape"))
+        except OSError as exc:
+            raise storage_error(exc)
+
+    def blob(self, size, digests):
+        self.write("B", "%.3f" % utc_now(), size,
+                   *("%s=%s" % item for item in sorted(digests.items())))
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    @staticmethod
+    def owner_alive(path):
+        """True when the process that wrote journal ``path`` still runs."""
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        finally:
+            os.close(fd)  # also releases a lock we took
+        return False
+
+
+def parse_journal_line(line):
+    """One journal line -> (kind, time, fields) or None when torn/unknown."""
+    if not line.endswith("\n"):
+        return None  # torn by a crash mid-write: ignored
+    fields = line[:-1].split("\t")
+    if len(fields) < 3 or fields[0] not in ("B", "P", "U", "E"):
+        return None
+    try:
+        return fields[0], float(fields[1]), fields[2:]
+    except ValueError:
+        return None
+
+
+class Store:
+    """ARCHIVE_DIR: blobs, their names, this process's staging and journal.
+
+    The directory is the truth.  The index in memory is rebuilt from the
+    journals in ``index/`` by a background thread (``ready`` is set when
+    lookups may trust it), then the blob tree is scanned for content that
+    has no record (hashed once) and journals of dead processes are merged.
+    Lookups check the disk before answering yes, and re-read the other
+    processes' journals before answering no.
+    """
+
+    TOP_DIRS = ("blob", "explode", "replica", "files", "staging", "index")
+
+    def __init__(self, config, log=None):
+        self.config = config
+        self.root = config.directory
+        self.algorithms = config.digests
+        self.log = log or (lambda message: None)
+        for name in self.TOP_DIRS:
+            makedirs(os.path.join(self.root, name))
+        self.process_id = "%s-%d-%s" % (
+            re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:64],
+            os.getpid(), secrets.token_hex(3))
+        self.index_dir = os.path.join(self.root, "index")
+        self.journal = Journal(self.index_dir, self.process_id)
+        self.staging_dir = os.path.join(self.root, "staging", self.process_id)
+        makedirs(self.staging_dir)
+        self.index = ChecksumIndex(self.algorithms)
+        self.pins = {}        # sha256 hex -> retain_until (0: forever)
+        self.expiries = {}    # relpath -> retain_until, names that expire
+        self.ready = threading.Event()
+        self.journal_offsets = {}
+        self.refresh_lock = threading.Lock()
+        self.load_seconds = None
+        self._name_digests = {}  # (dev, ino, mtime_ns) -> sha256, no xattrs
+        self.clear_dead_staging()
+
+    # -- paths ---------------------------------------------------------------
+
+    def blob_relpath(self, sha256):
+        return "blob/%s/%s/%s" % (sha256[:2], sha256[2:4], sha256)
+
+    def blob_path(self, sha256):
+        return os.path.join(self.root, self.blob_relpath(sha256))
+
+    def relpath(self, path):
+        return os.path.relpath(path, self.root).replace(os.sep, "/")
+
+    # -- startup -------------------------------------------------------------
+
+    def clear_dead_staging(self):
+        """Remove staging left by processes that are gone (never a live one's)."""
+        parent = os.path.dirname(self.staging_dir)
+        for entry in os.scandir(parent):
+            if entry.name == self.process_id:
+                continue
+            journal = os.path.join(self.index_dir, entry.name + ".log")
+            if not Journal.owner_alive(journal):
+                shutil.rmtree(entry.path, ignore_errors=True)
+
+    def load(self):
+        """Rebuild the index from the journals, then reconcile with the disk.
+
+        Runs in a background thread at startup; sets ``ready`` after the
+        journals are read, so lookups are served while the tree is scanned.
+        """
+        started = time.monotonic()
+        self.refresh_journals()
+        self.load_seconds = time.monotonic() - started
+        self.ready.set()
+        self.log("indexed %d blobs in %.3f s" % (len(self.index), self.load_seconds))
+        found = self.scan_blobs()
+        if found:
+            self.log("hashed %d blobs found without a record" % found)
+        self.merge_dead_journals()
+
+    def refresh_journals(self):
+        """Read what other processes (and dead ones) appended since last time."""
+        with self.refresh_lock:
+            events = []
+            for entry in os.scandir(self.index_dir):
+                if not entry.name.endswith(".log") or entry.path == self.journal.path:
+                    continue
+                self._read_journal(entry.path, events)
+            events.sort(key=lambda event: event[1])
+            for kind, _, fields in events:
+                self._apply(kind, fields)
+
+    def _read_journal(self, path, events):
+        offset = self.journal_offsets.get(path, 0)
+        try:
+            with open(path, "r", encoding="utf-8", errors="surrogateescape", newline="\n") as handle:
+                handle.seek(offset)
+                for line in handle:
+                    parsed = parse_journal_line(line)
+                    if not line.endswith("\n"):
+                        break  # a line still being written: read it next time
+                    offset += len(line.encode("utf-8", "surrogateescape"))
+                    if parsed is None:
+                        continue
+                    if parsed[0] == "B":
+                        self._apply(*parsed[::2])
+                    else:
+                        events.append(parsed)
+        except FileNotFoundError:
+            pass
+        self.journal_offsets[path] = offset
+
+    def _apply(self, kind, fields):
+        if kind == "B":
+            digests = dict(field.split("=", 1) for field in fields[1:] if "=" in field)
+            if "sha256" in digests and len(digests["sha256"]) == 64:
+                try:
+                    self.index.add(digests)
+                except ValueError:
+                    pass
+        elif kind == "P":
+            until = float(fields[1]) if len(fields) > 1 else 0.0
+            self.pins[fields[0]] = until
+        elif kind == "U":
+            self.pins.pop(fields[0], None)
+        elif kind == "E" and len(fields) >= 2:
+            until = float(fields[0])
+            if until:
+                self.expiries[fields[1]] = until
+            else:
+                self.expiries.pop(fields[1], None)
+
+    def scan_blobs(self):
+        """Hash blobs that have no record (copied in, or a lost journal)."""
+        found = 0
+        blob_root = os.path.join(self.root, "blob")
+        for level1 in _scandirs(blob_root):
+            for level2 in _scandirs(level1.path):
+                for entry in os.scandir(level2.path):
+                    if len(entry.name) != 64 or not entry.is_file(follow_symlinks=False):
+                        continue
+                    try:
+                        raw = bytes.fromhex(entry.name)
+                    except ValueError:
+                        continue
+                    if raw not in self.index.blobs and self._adopt(entry.path, entry.name):
+                        found += 1
+        return found
+
+    def _adopt(self, path, name):
+        digester = Digester(self.algorithms)
+        try:
+            with open(path, "rb") as handle:
+                for data in iter(lambda: handle.read(CHUNK_SIZE), b""):
+                    digester.update(data)
+        except OSError:
+            digester.close()
+            return False
+        digests = digester.hexdigests()
+        if digests["sha256"] != name:
+            self.log("blob %s holds content with sha256 %s: left alone, run --verify"
+                     % (name, digests["sha256"]))
+            return False
+        self.journal.blob(digester.size, digests)
+        self.index.add(digests)
+        return True
+
+    def merge_dead_journals(self):
+        """Copy the live records of dead processes' journals into ours."""
+        for entry in list(os.scandir(self.index_dir)):
+            if (not entry.name.endswith(".log") or entry.path == self.journal.path
+                    or Journal.owner_alive(entry.path)):
+                continue
+            self.refresh_journals()  # everything in it is applied
+            lines = []
+            with open(entry.path, "r", encoding="utf-8", errors="surrogateescape") as handle:
+                for line in handle:
+                    parsed = parse_journal_line(line)
+                    if parsed is None:
+                        continue
+                    if parsed[0] == "B":
+                        sha256 = _field_digest(parsed[2], "sha256")
+                        if sha256 and os.path.exists(self.blob_path(sha256)):
+                            lines.append(line)
+            for sha256, until in list(self.pins.items()):
+                lines.append("P\t%.3f\t%s\t%.3f\n" % (utc_now(), sha256, until))
+            for relpath, until in list(self.expiries.items()):
+                lines.append("E\t%.3f\t%.3f\t%s\n" % (utc_now(), until, relpath))
+            data = "".join(lines).encode("utf-8", "surrogateescape")
+            try:
+                os.write(self.journal.fd, data)
+                os.fsync(self.journal.fd)
+            except OSError as exc:
+                self.log("could not merge journal %s: %s" % (entry.name, exc))
+                return
+            os.unlink(entry.path)
+            self.journal_offsets.pop(entry.path, None)
+
+    # -- lookups -------------------------------------------------------------
+
+    def lookup(self, hexdigest):
+        """sha256 hex of the blob with that digest, or None.
+
+        Raises BadRequest for a string that is not 32, 40, 64 or 128 hex.
+        """
+        algorithm = LOOKUP_LENGTHS.get(len(hexdigest))
+        try:
+            raw = bytes.fromhex(hexdigest)
+        except ValueError:
+            raw = None
+        if algorithm is None or raw is None:
+            raise BadRequest("checksum must be 32 (md5), 40 (sha1), 64 (sha256) or "
+                             "128 (sha512) hex digits, got %r" % hexdigest[:140])
+        if algorithm not in self.algorithms:
+            return None
+        if not self.ready.is_set():
+            self.ready.wait(INDEX_WAIT)
+        for attempt in range(2):
+            found = self.index.get(algorithm, raw)
+            if found is None and algorithm == "sha256":
+                found = raw if os.path.exists(self.blob_path(hexdigest.lower())) else None
+            if found is not None:
+                sha256 = found.hex()
+                if os.path.exists(self.blob_path(sha256)):
+                    return sha256
+                self.index.discard(found)  # deleted by someone else
+            if attempt == 0:
+                self.refresh_journals()
+        return None
+
+    def name_sha256(self, path):
+        """sha256 of the file at ``path`` (a name: a hardlink to a blob)."""
+        try:
+            return os.getxattr(path, XATTR_SHA256).decode("ascii")
+        except (OSError, AttributeError, UnicodeDecodeError):
+            pass
+        st = os.stat(path)
+        key = (st.st_dev, st.st_ino, st.st_mtime_ns)
+        if key not in self._name_digests:
+            digest = hashlib.sha256()
+            with open(path, "rb") as handle:
+                for data in iter(lambda: handle.read(CHUNK_SIZE), b""):
+                    digest.update(data)
+            if len(self._name_digests) > 10000:
+                self._name_digests.clear()
+            self._name_digests[key] = digest.hexdigest()
+        return self._name_digests[key]
+
+    # -- writing -------------------------------------------------------------
+
+    def stage(self, filename="upload"):
+        """A new StagedBlob; the caller discards it (``with``)."""
+        try:
+            return StagedBlob(self, filename)
+        except OSError as exc:
+            raise storage_error(exc)
+
+    def publish(self, staged, pin=False, retain_until=0.0):
+        """Make a finished StagedBlob a blob (or find it stored): BlobInfo.
+
+        The record is journaled before the blob becomes visible; an
+        identical blob published concurrently wins and this one is "existing".
+        """
+        digests = staged.digests
+        sha256 = digests["sha256"]
+        path = self.blob_path(sha256)
+        new = False
+        if not os.path.exists(path):
+            try:
+                self.journal.blob(staged.size, digests)
+                makedirs(os.path.dirname(path))
+                os.link(staged.path, path)
+                new = True
+                if self.config.fsync:
+                    fsync_dir(os.path.dirname(path))
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise storage_error(exc)
+        self.index.add(digests)
+        if pin:
+            self.pin(sha256, retain_until)
+        return BlobInfo(sha256, staged.size, digests, new, self.blob_relpath(sha256))
+
+    def pin(self, sha256, retain_until=0.0):
+        """Keep a blob without a name (uploads to /upload, derived blobs)."""
+        current = self.pins.get(sha256)
+        if current == 0.0 or (current is not None and retain_until and current >= retain_until):
+            return
+        self.journal.write("P", "%.3f" % utc_now(), sha256, "%.3f" % retain_until)
+        self.pins[sha256] = retain_until
+
+    def unpin(self, sha256):
+        if self.pins.pop(sha256, None) is not None:
+            self.journal.write("U", "%.3f" % utc_now(), sha256)
+
+    def set_expiry(self, relpath, retain_until):
+        if retain_until or relpath in self.expiries:
+            self.journal.write("E", "%.3f" % utc_now(), "%.3f" % retain_until, relpath)
+        if retain_until:
+            self.expiries[relpath] = retain_until
+        else:
+            self.expiries.pop(relpath, None)
+
+    def link_name(self, source, dest, exclusive=False):
+        """Make ``dest`` a hardlink of ``source`` (a blob or staged file).
+
+        Replaces ``dest`` atomically, or with ``exclusive`` raises
+        PreconditionFailed when it exists.  Returns the sha256 of the
+        content ``dest`` had before, or None.  Raises Conflict when a
+        directory is in the way.
+        """
+        parent = os.path.dirname(dest)
+        try:
+            makedirs(parent)
+        except (FileExistsError, NotADirectoryError):
+            raise Conflict("a file is in the way of directory %s" % self.relpath(parent))
+        if exclusive:
+            try:
+                os.link(source, dest)
+            except FileExistsError:
+                raise PreconditionFailed("%s exists (If-None-Match: *)" % self.relpath(dest))
+            except OSError as exc:
+                raise storage_error(exc)
+            return None
+        if os.path.isdir(dest) and not os.path.islink(dest):
+            raise Conflict("%s is a directory" % self.relpath(dest))
+        previous = None
+        if os.path.isfile(dest):
+            try:
+                previous = self.name_sha256(dest)
+            except OSError:
+                previous = None
+        temporary = os.path.join(parent, ".~" + secrets.token_hex(6))
+        try:
+            os.link(source, temporary)
+            os.replace(temporary, dest)
+        except OSError as exc:
+            _unlink_quietly(temporary)
+            if exc.errno in (errno.EISDIR, errno.ENOTEMPTY):
+                raise Conflict("%s is a directory" % self.relpath(dest))
+            raise storage_error(exc)
+        return previous
+
+    # -- reclaiming ----------------------------------------------------------
+
+    def release(self, sha256):
+        """Remove blob ``sha256`` if no name and no pin keeps it any more.
+
+        Safe against a concurrent link (here or in another process): the
+        blob is first moved aside, and put back if a link appeared.
+        """
+        if sha256 in self.pins:
+            return False
+        self.refresh_journals()  # another process may have pinned it
+        if sha256 in self.pins:
+            return False
+        return self._remove_blob(sha256, only_if_unreferenced=True)
+
+    def _remove_blob(self, sha256, only_if_unreferenced):
+        path = self.blob_path(sha256)
+        try:
+            if os.stat(path).st_nlink > 1 and only_if_unreferenced:
+                return False
+            grave = os.path.join(self.staging_dir, "grave-" + secrets.token_hex(6))
+            os.rename(path, grave)
+        except FileNotFoundError:
+            return False
+        if os.stat(grave).st_nlink > 1:
+            try:
+                os.link(grave, path)  # linked meanwhile: it stays
+            except FileExistsError:
+                pass
+            os.unlink(grave)
+            return False
+        os.unlink(grave)
+        self.index.discard(bytes.fromhex(sha256))
+        return True
+
+    def delete_blob(self, sha256):
+        """DELETE /checksum: remove a blob no name uses, with what hangs off it.
+
+        Raises Conflict naming how many names still use it.
+        """
+        path = self.blob_path(sha256)
+        try:
+            links = os.stat(path).st_nlink
+        except FileNotFoundError:
+            raise NotFound("no blob with checksum %s" % sha256)
+        if links > 1:
+            raise Conflict("%d name(s) still use blob %s; delete them first"
+                           % (links - 1, sha256), headers={"X-Names": str(links - 1)})
+        tree = os.path.join(self.root, "explode", sha256[:2], sha256[2:4], sha256)
+        if os.path.isdir(tree):
+            self.remove_tree(tree)
+        self.unpin(sha256)
+        self._remove_blob(sha256, only_if_unreferenced=False)
+
+    def remove_name(self, path):
+        """Unlink one name, reclaiming its blob if that was its last.
+
+        Returns (names removed, blobs reclaimed).
+        """
+        try:
+            sha256 = None if os.path.islink(path) else self.name_sha256(path)
+        except OSError:
+            sha256 = None
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return 0, 0
+        self.set_expiry(self.relpath(path), 0)
+        return 1, int(bool(sha256) and self.release(sha256))
+
+    def remove_tree(self, path):
+        """Remove a directory of names: (names removed, blobs reclaimed)."""
+        names = reclaimed = 0
+        for parent, dirs, files in os.walk(path, topdown=False):
+            for name in files:
+                removed, freed = self.remove_name(os.path.join(parent, name))
+                names += removed
+                reclaimed += freed
+            for name in dirs:
+                full = os.path.join(parent, name)
+                if os.path.islink(full):
+                    os.unlink(full)
+                    names += 1
+                else:
+                    _rmdir_quietly(full)
+        _rmdir_quietly(path)
+        self.set_expiry(self.relpath(path), 0)
+        return names, reclaimed
+
+
+def _scandirs(path):
+    try:
+        return sorted((entry for entry in os.scandir(path)
+                       if entry.is_dir(follow_symlinks=False)), key=lambda e: e.name)
+    except FileNotFoundError:
+        return []
+
+
+def _field_digest(fields, algorithm):
+    prefix = algorithm + "="
+    for field in fields:
+        if field.startswith(prefix):
+            return field[len(prefix):]
+    return None
+
+
+def _unlink_quietly(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _rmdir_quietly(path):
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
+
+
+# ===========================================================================
+# Archives: detection by content, decompression, zip and tar expansion
+# ===========================================================================
+
+RATIO_ALLOWANCE = 1 << 20   # bytes expanded before the ratio limit applies:
+                            # a 200-byte zip of 60 KB of XML is no bomb
+
+COMPRESSED_KINDS = {  # kind -> (mime, opener of a binary file object)
+    "gzip": ("application/gzip", lambda f: gzip.GzipFile(fileobj=f, mode="rb")),
+    "bzip2": ("application/x-bzip2", lambda f: bz2.BZ2File(f, "rb")),
+    "xz": ("application/x-xz", lambda f: lzma.LZMAFile(f, "rb")),
+}
+if _zstd is not None:  # pragma: no cover - Python 3.14+
+    COMPRESSED_KINDS["zstd"] = ("application/zstd", lambda f: _zstd.ZstdFile(f, "rb"))
+ARCHIVE_MIMES = {"zip": "application/zip", "tar": "application/x-tar"}
+_OTHER_MAGIC = [  # a few common types python-magic would name
+    (b"%PDF-", "application/pdf"), (b"\x89PNG\r\n\x1a\n", "image/png"),
+    (b"\xff\xd8\xff", "image/jpeg"), (b"GIF8", "image/gif"),
+    (b"<?xml", "application/xml"), (b"\x7fELF", "application/x-executable"),
+    (b"(\xb5/\xfd", "application/zstd"),
+]
+_DECOMPRESSED_SUFFIXES = {".tgz": ".tar", ".tbz2": ".tar", ".tbz": ".tar",
+                          ".txz": ".tar", ".tzst": ".tar"}
+
+
+def sniff(head):
+    """The container kind of content starting with ``head``, or None.
+
+    One of "gzip", "bzip2", "xz", "zstd" (3.14+), "zip", "tar".
+    """
+    if head[:2] == b"\x1f\x8b":
+        return "gzip"
+    if head[:3] == b"BZh" and head[3:4].isdigit() and head[3:4] != b"0":
+        return "bzip2"
+    if head[:6] == b"\xfd7zXZ\x00":
+        return "xz"
+    if head[:4] == b"(\xb5/\xfd" and "zstd" in COMPRESSED_KINDS:
+        return "zstd"
+    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06", b"PK\x07\x08"):
+        return "zip"
+    if len(head) >= 512 and (head[257:262] == b"ustar" or _tar_checksum_ok(head)):
+        return "tar"
+    return None
+
+
+def _tar_checksum_ok(head):
+    """A v7 tar header has no magic, only a checksum (POSIX 1003.1-1988)."""
+    try:
+        stored = int(head[148:156].replace(b"\x00", b" ").strip() or b"-1", 8)
+    except ValueError:
+        return False
+    computed = sum(head[:148]) + 8 * 32 + sum(head[156:512])
+    return stored == computed and head[0:1] != b"\x00"
+
+
+def guess_mime(head, filename):
+    """MIME type from the first bytes (python-magic when present) and name."""
+    if HAVE_MAGIC:
+        try:
+            return magic.from_buffer(bytes(head), mime=True)
+        except Exception:  # libmagic errors are not ours to fail on
+            pass
+    kind = sniff(head)
+    if kind in COMPRESSED_KINDS:
+        return COMPRESSED_KINDS[kind][0]
+    if kind in ARCHIVE_MIMES:
+        return ARCHIVE_MIMES[kind]
+    for prefix, mime in _OTHER_MAGIC:
+        if head.startswith(prefix):
+            return mime
+    guessed = mimetypes.guess_type(filename or "")[0]
+    if guessed:
+        return guessed
+    if not head:
+        return "application/x-empty"
+    try:
+        head[:-4].decode("utf-8") if len(head) >= 4096 else head.decode("utf-8")
+        return "text/plain"
+    except UnicodeDecodeError:
+        return "application/octet-stream"
+
+
+def decompressed_name(filename):
+    stem, ext = posixpath.splitext(filename)
+    if ext.lower() in _DECOMPRESSED_SUFFIXES:
+        return stem + _DECOMPRESSED_SUFFIXES[ext.lower()]
+    if ext.lower() in (".gz", ".bz2", ".xz", ".zst", ".z", ".gzip"):
+        return stem or filename + ".out"
+    return filename + ".out"
+
+
+class ExpansionStopped(Exception):
+    """An archive was not expanded: a limit, or corrupt content. Says why."""
+
+
+class Budget:
+    """The expansion limits of one upload, checked as bytes stream out."""
+
+    def __init__(self, config, compressed_size):
+        self.config = config
+        self.compressed_size = max(compressed_size, 1)
+        self.expanded = 0
+        self.members = 0
+
+    def add_bytes(self, count):
+        self.expanded += count
+        limit = self.config.max_expanded
+        if self.expanded > limit:
+            raise ExpansionStopped("expanded size over %d bytes (BUCKET_MAX_EXPANDED)" % limit)
+        ratio = self.config.max_ratio
+        if ratio and self.expanded > RATIO_ALLOWANCE and self.expanded > ratio * self.compressed_size:
+            raise ExpansionStopped(
+                "expanded-to-compressed ratio over %g:1 (BUCKET_MAX_RATIO)" % ratio)
+
+    def add_member(self):
+        self.members += 1
+        if self.members > self.config.max_members:
+            raise ExpansionStopped("more than %d members (BUCKET_MAX_MEMBERS)"
+                                   % self.config.max_members)
+
+
+def copy_limited(source, staged, budget):
+    """Stream ``source`` into ``staged``, charging every byte to ``budget``."""
+    while True:
+        data = source.read(CHUNK_SIZE)
+        if not data:
+            return
+        budget.add_bytes(len(data))
+        staged.write(data)
+
+
+def normalize_member(name):
+    """An archive member name -> safe relative path, or (None, reason)."""
+    name = name.replace("\\", "/")
+    if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
+        return None, "absolute path"
+    segments = []
+    for segment in name.split("/"):
+        if segment in ("", "."):
+            continue
+        if segment == "..":
+            return None, "'..' in path"
+        try:
+            check_segment(segment, "member")
+        except BadRequest as exc:
+            return None, exc.message
+        segments.append(segment)
+    if not segments:
+        return None, "empty name"
+    return "/".join(segments), None
+
+
+class TreeBuilder:
+    """An expanded archive assembled in staging, then published whole.
+
+    Members are written as StagedBlobs; ``publish`` links each into the
+    blob store and the tree, and renames the tree to its place under
+    ``explode/`` (nothing is visible before).  ``discard`` removes it all.
+    Duplicate member names: the last one wins (tar's own extraction rule),
+    the earlier is listed as skipped.
+    """
+
+    def __init__(self, store, budget):
+        self.store = store
+        self.budget = budget
+        self.root = os.path.join(store.staging_dir, "tree-" + secrets.token_hex(6))
+        os.mkdir(self.root)
+        self.members = collections.OrderedDict()  # relpath -> StagedBlob | ("link", target)
+        self.directories = set()
+        self.skipped = []
+
+    def skip(self, name, reason):
+        self.skipped.append({"path": name, "reason": reason})
+
+    def _claim(self, name):
+        """Normalized path for a member, or None (skipped with a reason)."""
+        path, reason = normalize_member(name)
+        if path is None:
+            self.skip(name, reason)
+            return None
+        parts = path.split("/")
+        for depth in range(1, len(parts)):
+            if "/".join(parts[:depth]) in self.members:
+                self.skip(name, "a file of the same name is in the way")
+                return None
+        if path in self.directories:
+            self.skip(name, "a directory of the same name exists")
+            return None
+        if path in self.members:
+            self.skip(path, "duplicate name: a later member replaces it")
+            previous = self.members.pop(path)
+            if isinstance(previous, StagedBlob):
+                previous.discard()
+        for depth in range(1, len(parts)):
+            self.directories.add("/".join(parts[:depth]))
+        return path
+
+    def add_file(self, name, source):
+        self.budget.add_member()
+        path = self._claim(name)
+        if path is None:
+            return
+        staged = self.store.stage(posixpath.basename(path))
+        self.members[path] = staged
+        copy_limited(source, staged, self.budget)
+        staged.finish(sync=False)
+
+    def add_directory(self, name):
+        self.budget.add_member()
+        path, reason = normalize_member(name)
+        if path is None:
+            self.skip(name, reason)
+        elif path in self.members:
+            self.skip(name, "a file of the same name exists")
+        else:
+            parts = path.split("/")
+            for depth in range(1, len(parts) + 1):
+                self.directories.add("/".join(parts[:depth]))
+
+    def add_link(self, name, target, hard):
+        """A tar link: kept only when it points inside the tree."""
+        self.budget.add_member()
+        if hard:
+            resolved, _ = normalize_member(target)
+            if resolved is None or not isinstance(self.members.get(resolved), StagedBlob):
+                self.skip(name, "hardlink to %r, not a file of this archive" % target)
+                return
+        else:
+            if target.startswith("/") or not target:
+                self.skip(name, "symlink to absolute path %r" % target)
+                return
+            link_dir = posixpath.dirname(name.replace("\\", "/"))
+            if not _resolves_inside(link_dir, target):
+                self.skip(name, "symlink to %r points outside the archive" % target)
+                return
+        path = self._claim(name)
+        if path is not None:
+            self.members[path] = ("hardlink" if hard else "symlink", resolved if hard else target)
+
+    def publish(self, key):
+        """Link members into the store and the tree; move it to explode/.
+
+        Returns (relpath of the tree, list of member dicts).
+        """
+        store = self.store
+        if store.config.fsync:
+            os.sync()  # one flush for all members (per-file fsync: 10k x 1 ms)
+        for directory in sorted(self.directories):
+            makedirs(os.path.join(self.root, directory))
+        files = []
+        blobs = {}
+        for path, member in self.members.items():
+            target = os.path.join(self.root, path)
+            if isinstance(member, StagedBlob):
+                info = store.publish(member)
+                _link_from(store.blob_path(info.sha256) if not info.new else member.path, target,
+                           member.path)
+                blobs[path] = info
+                files.append({"path": path, "size": info.size, "checksums": info.digests})
+        for path, member in self.members.items():
+            if isinstance(member, tuple):
+                kind, link_target = member
+                target = os.path.join(self.root, path)
+                if kind == "hardlink":
+                    os.link(os.path.join(self.root, link_target), target)
+                    info = blobs[link_target]
+                    files.append({"path": path, "size": info.size, "checksums": info.digests})
+                else:
+                    os.symlink(link_target, target)
+                    files.append({"path": path, "symlink": link_target})
+        destination = os.path.join(store.root, "explode", key[:2], key[2:4], key)
+        makedirs(os.path.dirname(destination))
+        try:
+            os.rename(self.root, destination)
+        except OSError as exc:
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise storage_error(exc)
+            # Expanded meanwhile by another upload: that tree stands.
+        self.discard()
+        return store.relpath(destination), files
+
+    def discard(self):
+        for member in self.members.values():
+            if isinstance(member, StagedBlob):
+                member.discard()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _resolves_inside(directory, target):
+    """True when ``directory/target`` stays inside the tree's root."""
+    depth = 0
+    for segment in (directory + "/" + target).replace("\\", "/").split("/"):
+        if segment in ("", "."):
+            continue
+        depth += -1 if segment == ".." else 1
+        if depth < 0:
+            return False
+    return depth > 0
+
+
+def _link_from(source, target, fallback):
+    """Hardlink ``source`` to ``target``; ``fallback`` if source vanished."""
+    try:
+        os.link(source, target)
+    except FileNotFoundError:
+        os.link(fallback, target)  # blob reclaimed meanwhile: staged copy
+
+
+def expand_zip(builder, path):
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                mode = info.external_attr >> 16
+                if info.is_dir():
+                    builder.add_directory(info.filename)
+                elif stat.S_ISLNK(mode):
+                    builder.add_link(info.filename, archive.read(info).decode(
+                        "utf-8", "replace"), hard=False)
+                elif mode and not stat.S_ISREG(mode):
+                    builder.budget.add_member()
+                    builder.skip(info.filename, "not a regular file (mode %o)" % mode)
+                elif info.flag_bits & 0x1:
+                    builder.budget.add_member()
+                    builder.skip(info.filename, "encrypted member")
+                else:
+                    with archive.open(info) as source:
+                        builder.add_file(info.filename, source)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError,
+            zlib.error, lzma.LZMAError, ValueError, RuntimeError) as exc:
+        raise ExpansionStopped("corrupt or unsupported zip: %s" % exc)
+
+
+def expand_tar(builder, path):
+    try:
+        with tarfile.open(path, "r:") as archive:
+            for member in archive:
+                if member.isreg():
+                    source = archive.extractfile(member)
+                    builder.add_file(member.name, source)
+                elif member.isdir():
+                    builder.add_directory(member.name)
+                elif member.issym() or member.islnk():
+                    builder.add_link(member.name, member.linkname, hard=member.islnk())
+                else:
+                    builder.budget.add_member()
+                    kind = "device" if member.isdev() else "FIFO" if member.isfifo() else "special file"
+                    builder.skip(member.name, "%s, not extracted" % kind)
+    except (tarfile.TarError, EOFError, zlib.error, ValueError) as exc:
+        raise ExpansionStopped("corrupt tar: %s" % exc)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise storage_error(exc)
+        raise ExpansionStopped("corrupt tar: %s" % exc)
+
+
+class Expander:
+    """Derived content of one stored upload: decompressed blob, explode tree."""
+
+    def __init__(self, store, urls):
+        self.store = store
+        self.config = store.config
+        self.urls = urls  # relpath -> url
+
+    def expand(self, info, head, filename):
+        """-> dict with "decompressed", "extracted", "expansion_error"."""
+        result = {"decompressed": None, "extracted": None, "expansion_error": None}
+        kind = sniff(head)
+        budget = Budget(self.config, info.size)
+        try:
+            if kind in COMPRESSED_KINDS:
+                inner, inner_head = self._decompress(info, kind, filename, budget)
+                result["decompressed"] = inner
+                if sniff(inner_head) == "tar":
+                    result["extracted"] = self._explode(inner["checksums"]["sha256"],
+                                                        expand_tar, budget)
+            elif kind in ("zip", "tar"):
+                result["extracted"] = self._explode(
+                    info.sha256, expand_zip if kind == "zip" else expand_tar, budget)
+        except ExpansionStopped as exc:
+            result["expansion_error"] = str(exc)
+        return result
+
+    def _decompress(self, info, kind, filename, budget):
+        name = decompressed_name(filename)
+        with self.store.stage(name) as staged:
+            try:
+                with open(self.store.blob_path(info.sha256), "rb") as raw:
+                    with COMPRESSED_KINDS[kind][1](raw) as source:
+                        copy_limited(source, staged, budget)
+            except (OSError, EOFError, zlib.error, lzma.LZMAError, ValueError) as exc:
+                if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise storage_error(exc)
+                raise ExpansionStopped("corrupt %s data: %s" % (kind, exc))
+            staged.finish()
+            inner = self.store.publish(staged, pin=True)
+            return describe_blob(inner, name, staged.head, self.urls), staged.head
+
+    def _explode(self, key, walker, budget):
+        store = self.store
+        tree = os.path.join(store.root, "explode", key[:2], key[2:4], key)
+        if os.path.isdir(tree):
+            return self.describe_tree(tree)
+        builder = TreeBuilder(store, budget)
+        try:
+            walker(builder, store.blob_path(key))
+            relpath, files = builder.publish(key)
+        except BaseException:
+            builder.discard()
+            raise
+        return {"path": relpath, "url": self.urls(relpath), "count": len(files),
+                "files": files[:MAX_JSON_LIST], "skipped": builder.skipped,
+                "existing": False}
+
+    def describe_tree(self, tree):
+        """The "extracted" answer for a tree expanded by an earlier upload."""
+        store = self.store
+        files = []
+        for parent, _dirs, names in os.walk(tree):
+            for name in sorted(names):
+                full = os.path.join(parent, name)
+                rel = os.path.relpath(full, tree).replace(os.sep, "/")
+                if os.path.islink(full):
+                    files.append({"path": rel, "symlink": os.readlink(full)})
+                    continue
+                files.append({"path": rel, "size": os.stat(full).st_size,
+                              "checksums": {"sha256": store.name_sha256(full)}})
+        relpath = store.relpath(tree)
+        return {"path": relpath, "url": self.urls(relpath), "count": len(files),
+                "files": files[:MAX_JSON_LIST], "skipped": [], "existing": True}
+
+
+def describe_blob(info, name, head, urls):
+    """The response's description of one stored blob."""
+    return {"name": name, "size": info.size, "mime": guess_mime(head, name),
+            "checksums": info.digests, "stored": "new" if info.new else "existing",
+            "path": info.path, "url": urls("checksum/" + info.sha256)}
+
+
+# ===========================================================================
+# Organizing: named paths, replicas from header templates, retention
+# ===========================================================================
+
+_TEMPLATE_TOKEN = re.compile(r"\$\{([^}]*)\}")
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+
+
+class ReplicaTemplate:
+    """One REPLICATE_N template such as ``user/${Username}/${Topic}``.
+
+    Raises ConfigError when the template is malformed (unclosed ``${``, a
+    bad header name, ``..``, an absolute path).
+    """
+
+    def __init__(self, variable, text):
+        self.variable = variable
+        self.text = text
+        if text.startswith("/") or "\\" in text:
+            raise ConfigError("%s: template %r must be a relative path" % (variable, text))
+        self.headers = []
+        for segment in text.split("/"):
+            literal = _TEMPLATE_TOKEN.sub("", segment)
+            if "${" in literal or "}" in literal or "$" in literal:
+                raise ConfigError("%s: template %r has an unclosed or stray '${'" % (variable, text))
+            if segment in ("", ".", ".."):
+                raise ConfigError("%s: template %r has an empty, '.' or '..' segment"
+                                  % (variable, text))
+            for header in _TEMPLATE_TOKEN.findall(segment):
+                if not _HEADER_NAME.match(header):
+                    raise ConfigError("%s: template %r names a bad header %r"
+                                      % (variable, text, header))
+                self.headers.append(header)
+        self.segments = text.split("/")
+
+    def fill(self, headers):
+        """(relative path, missing header names) for one request's headers."""
+        missing = [name for name in self.headers if not headers.get(name, "").strip()]
+        if missing:
+            return None, missing
+
+        def value(match):
+            return safe_filename(headers.get(match.group(1)).strip(), default="_")
+
+        segments = [_TEMPLATE_TOKEN.sub(value, segment) for segment in self.segments]
+        return "/".join(safe_filename(segment, default="_") for segment in segments), []
+
+
+def load_replicate_templates(environ):
+    return [ReplicaTemplate(name, environ[name]) for name in REPLICATE_VARIABLES
+            if environ.get(name)]
+
+
+def replica_stamp(now=None):
+    return time.strftime("%Y%m%d.%H%M", time.gmtime(now if now is not None else utc_now()))
+
+
+def split_name(name):
+    """``results.tar.gz`` -> (``results``, ``.tar.gz``): the replica stem."""
+    lowered = name.lower()
+    for ext in (".tar.gz", ".tar.bz2", ".tar.xz", ".tar.zst"):
+        if lowered.endswith(ext) and len(name) > len(ext):
+            return name[:-len(ext)], name[-len(ext):]
+    return posixpath.splitext(name)
+
+
+def make_replicas(store, templates, headers, name, source, tree, retain_until):
+    """Replica names for one upload: (created relpaths, skipped notes).
+
+    ``source`` is the blob path; ``tree`` the explode tree path or None.
+    Each template whose headers are all present yields
+    ``replica/<path>/<stem>.<yyyymmdd.HHMM>.<n><ext>`` (a hardlink) and,
+    for an archive, ``<stem>.<stamp>.<n>`` (a relative symlink to the
+    tree); ``<stem>.latest<ext>`` is moved to the newest atomically.
+    """
+    created, skipped = [], []
+    stem, ext = split_name(name)
+    stamp = replica_stamp()
+    for template in templates:
+        relative, missing = template.fill(headers)
+        if relative is None:
+            skipped.append({"template": template.variable, "missing_headers": missing})
+            continue
+        directory = os.path.join(store.root, "replica", *relative.split("/"))
+        contained(os.path.join(store.root, "replica"), relative)
+        try:
+            makedirs(directory)
+        except (FileExistsError, NotADirectoryError):
+            skipped.append({"template": template.variable, "reason": "a file is in the way"})
+            continue
+        final = _link_numbered(directory, stem + "." + stamp + ".%d" + ext,
+                               lambda path: os.link(source, path))
+        _point_latest(directory, stem + ".latest" + ext, os.path.basename(final))
+        made = [final]
+        if tree is not None:
+            link = os.path.relpath(tree, directory)
+            tree_name = _link_numbered(directory, stem + "." + stamp + ".%d",
+                                       lambda path: os.symlink(link, path))
+            _point_latest(directory, stem + ".latest", os.path.basename(tree_name))
+            made.append(tree_name)
+        for path in made:
+            relpath = store.relpath(path)
+            if retain_until:
+                store.set_expiry(relpath, retain_until)
+            created.append(relpath)
+    return created, skipped
+
+
+def _link_numbered(directory, pattern, make):
+    for number in range(100000):
+        path = os.path.join(directory, pattern % number)
+        try:
+            make(path)
+            return path
+        except FileExistsError:
+            continue
+    raise Conflict("no free replica name for %s" % pattern)
+
+
+def _point_latest(directory, name, target):
+    temporary = os.path.join(directory, ".~" + secrets.token_hex(6))
+    os.symlink(target, temporary)
+    os.replace(temporary, os.path.join(directory, name))
+
+
+def retention_until(value, default_days, what):
+    """Absolute expiry time from a retain_days value (None: the default)."""
+    if value is None or value == "":
+        days = default_days
+    else:
+        try:
+            days = float(value)
+        except ValueError:
+            days = -1.0
+        if not days >= 0 or days > 36500:
+            raise BadRequest("%s must be a number of days from 0 to 36500, got %r" % (what, value))
+    return utc_now() + days * 86400.0 if days else 0.0
+
+
+class Sweeper(threading.Thread):
+    """Removes expired names and pins, then blobs nothing references.
+
+    Runs every ``sweep_interval`` seconds in the background; the expiries
+    live in the journals, so they survive restarts.  Never holds a lock a
+    request needs while it touches the disk.
+    """
+
+    def __init__(self, store, interval):
+        super().__init__(name="sweeper", daemon=True)
+        self.store = store
+        self.interval = interval
+        self.stopping = threading.Event()
+
+    def run(self):
+        self.store.ready.wait()
+        while not self.stopping.wait(self.interval):
+            try:
+                self.sweep()
+            except Exception:  # never let the sweeper die silently
+                self.store.log("sweep failed:\n" + traceback.format_exc())
+
+    def sweep(self, now=None):
+        """One pass; returns how many names and pins expired."""
+        store = self.store
+        now = utc_now() if now is None else now
+        store.refresh_journals()
+        expired = 0
+        for relpath, until in list(store.expiries.items()):
+            if until > now:
+                continue
+            path = os.path.join(store.root, *relpath.split("/"))
+            if os.path.isdir(path) and not os.path.islink(path):
+                store.remove_tree(path)
+            elif os.path.lexists(path):
+                store.remove_name(path)
+            store.set_expiry(relpath, 0)
+            expired += 1
+        for sha256, until in list(store.pins.items()):
+            if until and until <= now:
+                tree = os.path.join(store.root, "explode", sha256[:2], sha256[2:4], sha256)
+                if os.path.isdir(tree):
+                    store.remove_tree(tree)
+                store.unpin(sha256)
+                store.release(sha256)
+                expired += 1
+        return expired
+
+
+# ===========================================================================
+# HTTP: request parsing, the one dispatcher, routes
+# ===========================================================================
+
+
+class Headers(dict):
+    """Request headers, names lower-cased; repeated fields joined by ", ".
+
+    http.client.parse_headers (the email parser) costs more than a whole
+    checksum lookup, so the handler reads header lines itself.
+    """
+
+    def get(self, name, default=None):
+        return dict.get(self, name.lower(), default)
+
+    def __getitem__(self, name):
+        return dict.__getitem__(self, name.lower())
+
+    def __contains__(self, name):
+        return dict.__contains__(self, name.lower())
+
+
+class ChunkedWriter:
+    """A file-like sink that sends chunked transfer coding (or plain bytes
+    for HTTP/1.0, where the connection's close ends the body)."""
+
+    def __init__(self, wfile, chunked=True, buffer_size=64 * 1024):
+        self.wfile = wfile
+        self.chunked = chunked
+        self.buffer = bytearray()
+        self.buffer_size = buffer_size
+        self.sent = 0
+
+    def write(self, data):
+        self.buffer += data
+        if len(self.buffer) >= self.buffer_size:
+            self.flush()
+        return len(data)
+
+    def flush(self):
+        if not self.buffer:
+            return
+        if self.chunked:
+            self.wfile.write(b"%x\r\n" % len(self.buffer) + bytes(self.buffer) + b"\r\n")
+        else:
+            self.wfile.write(bytes(self.buffer))
+        self.sent += len(self.buffer)
+        self.buffer = bytearray()
+
+    def close(self):
+        self.flush()
+        if self.chunked:
+            self.wfile.write(b"0\r\n\r\n")
+
+
+_STATUS_PHRASES = {status.value: status.phrase for status in HTTPStatus}
+_DATE_CACHE = [0, ""]
+
+
+def cached_http_date():
+    """The Date header, formatted once a second (formatting costs ~10 us)."""
+    now = int(time.time())
+    if _DATE_CACHE[0] != now:
+        _DATE_CACHE[:] = [now, http_date(now)]
+    return _DATE_CACHE[1]
+
+
+def content_disposition(name, disposition="inline"):
+    ascii_name = name.encode("ascii", "replace").decode("ascii").replace('"', "_").replace("\\", "_")
+    quoted = urllib.parse.quote(name, safe="")
+    return '%s; filename="%s"; filename*=UTF-8\'\'%s' % (disposition, ascii_name, quoted)
+
+
+class Handler(BaseHTTPRequestHandler):
+    """One connection: reads requests, routes them, answers in JSON or files.
+
+    Every refusal is raised as a BucketError and answered in ``dispatch``,
+    the only place that turns exceptions into responses.
+    """
+
+    protocol_version = "HTTP/1.1"
+    server_version = "http_bucket/" + __version__
+    sys_version = ""
+
+    # -- connection and request line -----------------------------------------
+
+    def setup(self):
+        self.timeout = self.server.config.timeout or None
+        super().setup()
+        try:
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass  # not TCP (tests on a socketpair)
+        if isinstance(self.connection, ssl.SSLSocket):
+            self.connection.do_handshake()
+
+    def handle(self):
+        try:
+            super().handle()
+        except (ConnectionError, socket.timeout, ssl.SSLError, OSError):
+            pass  # the client went away or stalled: nothing to answer
+
+    def handle_one_request(self):
+        self.close_connection = True
+        self.started = time.monotonic()
+        self.body = None
+        self.response_status = 0
+        self.response_bytes = 0
+        self.command = self.path = ""
+        try:
+            line = self.rfile.readline(MAX_REQUEST_LINE + 1)
+        except (socket.timeout, OSError):
+            return
+        if not line:
+            return
+        self.raw_requestline = line
+        try:
+            self.parse_request_fast(line)
+        except BucketError as exc:
+            self.request_version = "HTTP/1.1"
+            self.send_error_json(exc)
+            self.log_access()
+            return
+        self.dispatch()
+        self.log_access()
+
+    def parse_request_fast(self, line):
+        """Request line and headers; raises BadRequest (sets close)."""
+        if len(line) > MAX_REQUEST_LINE:
+            raise BucketError("request line over %d bytes" % MAX_REQUEST_LINE, status=414)
+        words = line.decode("latin-1").rstrip("\r\n").split(" ")
+        if len(words) != 3 or not words[2].startswith("HTTP/1."):
+            raise BadRequest("malformed request line %r" % line[:80].decode("latin-1"))
+        self.command, self.path, self.request_version = words
+        self.requestline = "%s %s %s" % tuple(words)
+        self.headers = self.read_headers()
+        connection = self.headers.get("connection", "").lower()
+        if self.request_version == "HTTP/1.1":
+            self.close_connection = "close" in connection
+        else:
+            self.close_connection = "keep-alive" not in connection
+
+    def read_headers(self):
+        headers = Headers()
+        deadline = time.monotonic() + max(self.server.config.timeout, 1.0)
+        for _ in range(MAX_HEADERS + 1):
+            line = self.rfile.readline(MAX_HEADER_LINE + 1)
+            if len(line) > MAX_HEADER_LINE:
+                raise BucketError("header line over %d bytes" % MAX_HEADER_LINE, status=431)
+            if line in (b"\r\n", b"\n"):
+                return headers
+            if not line:
+                raise ClientGone("connection closed inside the headers")
+            if time.monotonic() > deadline:
+                raise ClientGone("headers sent too slowly")  # slowloris
+            name, sep, value = line.decode("latin-1").partition(":")
+            if not sep or not name or name != name.strip():
+                raise BadRequest("malformed header line %r" % line[:60].decode("latin-1"))
+            name = name.lower()
+            value = value.strip()
+            headers[name] = headers[name] + ", " + value if name in headers else value
+        raise BucketError("more than %d header lines" % MAX_HEADERS, status=431)
+
+    # -- the dispatcher ------------------------------------------------------
+
+    ROUTES = {
+        "GET": {"": "page", "upload": "upload_form", "checksum": "get_checksum",
+                "files": "get_path", "explode": "get_path", "replica": "get_path",
+                "config": "get_config", "healthz": "get_health", "metrics": "get_metrics"},
+        "POST": {"upload": "post_upload", "files": "post_files"},
+        "PUT": {"upload": "put_upload", "files": "put_files"},
+        "DELETE": {"files": "delete_path", "replica": "delete_path",
+                   "checksum": "delete_checksum"},
+    }
+    ROUTES["HEAD"] = ROUTES["GET"]
+    OPEN_ROUTES = ("get_health",)  # answered without the read token
+
+    def dispatch(self):
+        self.server.busy_change(+1)
+        try:
+            url = urllib.parse.urlsplit(self.path)
+            self.url_path = url.path
+            self.query = dict(urllib.parse.parse_qsl(url.query, keep_blank_values=True))
+            top, _, self.rest = url.path.lstrip("/").partition("/")
+            routes = self.ROUTES.get(self.command)
+            if routes is None:
+                raise MethodNotAllowed("method %s not supported" % self.command,
+                                       headers={"Allow": "GET, HEAD, POST, PUT, DELETE"})
+            name = routes.get(top)
+            if name is None:
+                allowed = [method for method, table in self.ROUTES.items() if top in table]
+                if allowed:
+                    raise MethodNotAllowed("%s not allowed on /%s" % (self.command, top),
+                                           headers={"Allow": ", ".join(sorted(allowed))})
+                raise NotFound("no such endpoint: /%s" % top)
+            self.authorize(name)
+            getattr(self, "route_" + name)()
+        except BucketError as exc:
+            self.send_error_json(exc)
+        except ClientGone:
+            self.close_connection = True
+        except (ConnectionError, socket.timeout, ssl.SSLError):
+            self.close_connection = True
+        except Exception:
+            self.log_message("internal error on %s %s\n%s", self.command, self.path,
+                             traceback.format_exc())
+            self.send_error_json(BucketError("internal error; see the server log"))
+        finally:
+            self.server.busy_change(-1)
+            if self.body_unread():
+                self.close_connection = True
+
+    def body_unread(self):
+        if self.body is not None:
+            return not self.body.finished
+        length = self.headers.get("content-length", "0") if hasattr(self, "headers") else "0"
+        chunked = "chunked" in (self.headers.get("transfer-encoding", "") if hasattr(self, "headers") else "")
+        return chunked or length not in ("", "0")
+
+    # -- access control ------------------------------------------------------
+
+    def authorize(self, route):
+        server = self.server
+        write = self.command in ("POST", "PUT", "DELETE")
+        tokens = [server.token] if write else [server.read_token, server.token]
+        if not (server.token if write else server.read_token) or route in self.OPEN_ROUTES:
+            return
+        offered = self.offered_token()
+        if offered is not None:
+            for token in tokens:
+                if token and hmac.compare_digest(offered.encode(), token.encode()):
+                    return
+        raise Unauthorized(
+            "a valid token is needed to %s" % ("write" if write else "read"),
+            headers={"WWW-Authenticate": 'Bearer realm="http_bucket", Basic realm="http_bucket"'})
+
+    def offered_token(self):
+        value = self.headers.get("authorization", "")
+        scheme, _, credentials = value.partition(" ")
+        if scheme.lower() == "bearer":
+            return credentials.strip()
+        if scheme.lower() == "basic":
+            try:
+                decoded = base64.b64decode(credentials.strip(), validate=True).decode("utf-8")
+            except (binascii.Error, UnicodeDecodeError):
+                return None
+            return decoded.partition(":")[2]
+        return None
+
+    # -- responses -----------------------------------------------------------
+
+    def send_head_lines(self, status, headers):
+        if self.body_unread():
+            self.close_connection = True
+        lines = ["HTTP/1.1 %d %s" % (status, _STATUS_PHRASES.get(status, "Unknown")),
+                 "Server: " + self.server_version, "Date: " + cached_http_date()]
+        for name, value in headers.items():
+            lines.append("%s: %s" % (name, value))
+        if self.close_connection:
+            lines.append("Connection: close")
+        self.response_status = status
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
+
+    def send(self, status, body=b"", content_type="application/json", headers=None):
+        """One whole response, written with one send (no delayed-ACK stall)."""
+        all_headers = {"Content-Type": content_type, "Content-Length": str(len(body))}
+        all_headers.update(headers or {})
+        head = self.send_head_lines(status, all_headers)
+        payload = head if self.command == "HEAD" else head + body
+        self.response_bytes += len(body)
+        self.wfile.write(payload)
+
+    def send_json(self, status, obj, headers=None):
+        self.send(status, json_bytes(obj), "application/json", headers)
+
+    def send_error_json(self, exc):
+        if self.response_status:
+            self.close_connection = True  # a response already began
+            return
+        body = {"code": exc.status, "status": "error", "error": exc.message}
+        headers = dict(exc.headers)
+        if self.command == "HEAD":
+            headers["Content-Length"] = "0"  # curl -X HEAD waits for it
+        try:
+            self.send_json(exc.status, body, headers)
+        except (ConnectionError, socket.timeout, ssl.SSLError, OSError):
+            self.close_connection = True
+
+    def send_continue(self):
+        if self.headers.get("expect", "").lower() == "100-continue":
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    # -- logging -------------------------------------------------------------
+
+    def log_access(self):
+        if not self.command:
+            return
+        self.server.count_request(self.response_status)
+        self.server.log_event(
+            "access", client=self.client_address[0] if self.client_address else "-",
+            method=self.command, path=self.path[:300], status=self.response_status,
+            bytes=self.response_bytes,
+            ms=round((time.monotonic() - self.started) * 1000, 1))
+
+    def log_message(self, format, *args):
+        self.server.log_event("message", text=format % args)
+
+    # -- request bodies ------------------------------------------------------
+
+    def open_body(self, required=True):
+        """The request's BodyReader; refuses bad framing and oversize bodies."""
+        if self.body is not None:
+            return self.body
+        expect = self.headers.get("expect")
+        if expect is not None and expect.lower() != "100-continue":
+            raise BucketError("unsupported Expect: %s" % expect, status=417)
+        encoding = self.headers.get("transfer-encoding", "").strip().lower()
+        length_text = self.headers.get("content-length")
+        limit = self.server.config.max_content_length
+        if encoding and length_text is not None:
+            raise BadRequest("both Transfer-Encoding and Content-Length sent")
+        if encoding and encoding != "chunked":
+            raise BadRequest("unsupported Transfer-Encoding %r (only chunked)" % encoding)
+        length = None
+        if length_text is not None:
+            if not length_text.isdigit():
+                raise BadRequest("bad Content-Length %r" % length_text[:40])
+            length = int(length_text)
+            if limit and length > limit:
+                raise TooLarge("request body of %d bytes is over MAX_CONTENT_LENGTH "
+                               "(%d bytes)" % (length, limit))
+        elif not encoding and required:
+            raise LengthRequired("send Content-Length or Transfer-Encoding: chunked")
+        self.body = BodyReader(self.rfile, length, chunked=bool(encoding), limit=limit,
+                               before_first_read=self.send_continue)
+        return self.body
+
+    # -- simple routes -------------------------------------------------------
+
+    def route_page(self):
+        if self.rest:
+            raise NotFound("no such endpoint: %s" % self.url_path)
+        self.send(200, PAGE_HTML.encode("utf-8"), "text/html; charset=utf-8",
+                  {"Cache-Control": "no-cache"})
+
+    def route_upload_form(self):
+        self.route_page()
+
+    def route_get_config(self):
+        self.send_json(200, self.server.config.public())
+
+    def route_get_health(self):
+        store = self.server.store
+        self.send_json(200, {"status": "ok", "index_ready": store.ready.is_set(),
+                             "blobs": len(store.index)})
+
+    def route_get_metrics(self):
+        self.send(200, self.server.metrics().encode(), "text/plain; version=0.0.4")
+
+    # -- checksums -----------------------------------------------------------
+
+    def blob_for_digest(self):
+        hexdigest = self.rest.strip("/").lower()
+        sha256 = self.server.store.lookup(hexdigest)
+        if sha256 is None:
+            raise NotFound("no stored content has checksum %s" % hexdigest)
+        return sha256
+
+    def route_get_checksum(self):
+        sha256 = self.blob_for_digest()
+        path = self.server.store.blob_path(sha256)
+        if self.command == "HEAD":
+            # Content-Length 0: the seed's `curl -X HEAD` reads that many bytes.
+            size = os.stat(path).st_size
+            self.send(200, b"", "application/octet-stream",
+                      {"Content-Length": "0", "ETag": '"%s"' % sha256,
+                       "X-Blob-Size": str(size), "X-Checksum-Sha256": sha256})
+            return
+        self.send_file(path, sha256, self.query.get("name") or sha256)
+
+    def route_delete_checksum(self):
+        sha256 = self.blob_for_digest()
+        self.server.store.delete_blob(sha256)
+        self.send_json(200, {"code": 200, "status": "Success", "deleted": sha256})
+
+    # -- uploads -------------------------------------------------------------
+
+    def route_post_upload(self):
+        if self.rest.strip("/"):
+            raise NotFound("POST /upload takes no path; use PUT /upload/<name>")
+        result = self.receive_multipart()
+        self.finish_upload(result, pin=True)
+
+    def route_put_upload(self):
+        segments = split_url_path(self.rest, "upload name")
+        name = safe_filename(segments[-1] if segments else "upload")
+        result = self.receive_raw(name)
+        self.finish_upload(result, pin=True)
+
+    def route_put_files(self):
+        segments = split_url_path(self.rest, "file path")
+        if not segments or self.rest.endswith("/"):
+            raise BadRequest("PUT /files/<path> needs a file name (POST a form to a directory)")
+        dest = os.path.join(self.server.store.root, "files", *segments)
+        exclusive = self.headers.get("if-none-match", "").strip() == "*"
+        if exclusive and os.path.lexists(dest):
+            raise PreconditionFailed("files/%s exists (If-None-Match: *)" % "/".join(segments))
+        result = self.receive_raw(segments[-1])
+        self.finish_upload(result, pin=False, names=[(dest, exclusive)])
+
+    def route_post_files(self):
+        segments = split_url_path(self.rest, "directory path")
+        result = self.receive_multipart()
+        base = os.path.join(self.server.store.root, "files", *segments)
+        exclusive = self.headers.get("if-none-match", "").strip() == "*"
+        names = [(os.path.join(base, staged.filename), exclusive) for staged in result["staged"]]
+        self.finish_upload(result, pin=False, names=names)
+
+    def upload_retention(self):
+        value = self.headers.get("x-retain-days")
+        if value is None:
+            value = self.query.get("retain_days")
+        return retention_until(value, self.server.config.retain_days,
+                               "X-Retain-Days" if "x-retain-days" in self.headers else "retain_days")
+
+    def receive_multipart(self):
+        """Read a multipart body into staged files: {"staged", "fields"}."""
+        boundary = multipart_boundary(self.headers.get("content-type"))
+        retain_until = self.upload_retention()
+        body = self.open_body()
+        parser = MultipartParser(boundary)
+        staged_files, fields = [], {}
+        current = field = None
+        try:
+            while True:
+                data = body.read(CHUNK_SIZE)
+                events = parser.feed(data) if data else []
+                for kind, value in events:
+                    if kind == "part":
+                        if value.filename is not None:
+                            current = self.server.store.stage(safe_filename(value.filename))
+                            staged_files.append(current)
+                        else:
+                            if len(fields) >= MAX_FIELDS:
+                                raise BadRequest("more than %d form fields" % MAX_FIELDS)
+                            field = [value.name, bytearray()]
+                    elif kind == "data":
+                        if current is not None:
+                            current.write(value)
+                        else:
+                            field[1] += value
+                            if len(field[1]) > MAX_FIELD_SIZE:
+                                raise BadRequest("form field %r over %d bytes"
+                                                 % (field[0], MAX_FIELD_SIZE))
+                    else:
+                        if current is not None:
+                            current.finish()
+                        else:
+                            fields[field[0]] = field[1].decode("utf-8", "replace")
+                        current = field = None
+                if not data:
+                    parser.close()
+                    break
+            if not staged_files:
+                raise BadRequest("multipart body has no file part (a part with a filename)")
+        except BaseException:
+            for staged in staged_files:
+                staged.discard()
+            raise
+        if "retain_days" in fields and self.headers.get("x-retain-days") is None:
+            retain_until = retention_until(fields["retain_days"],
+                                           self.server.config.retain_days, "retain_days")
+        return {"staged": staged_files, "fields": fields, "retain_until": retain_until}
+
+    def receive_raw(self, name):
+        """Read a raw PUT body into one staged file, verifying stated digests."""
+        expected = stated_digests(self.headers)
+        retain_until = self.upload_retention()
+        if self.headers.get("x-checksum-deploy", "").lower() == "true":
+            return self.deploy_by_checksum(name, expected, retain_until)
+        body = self.open_body()
+        store = self.server.store
+        extra = [algorithm for algorithm in expected if algorithm not in store.algorithms]
+        staged = store.stage(name)
+        try:
+            if extra:
+                staged.digester = Digester(tuple(store.algorithms) + tuple(extra))
+            while True:
+                data = body.read(CHUNK_SIZE)
+                if not data:
+                    break
+                staged.write(data)
+            digests = staged.finish()
+            for algorithm, (header, value) in expected.items():
+                if digests[algorithm] != value:
+                    raise BadRequest("%s mismatch: header says %s, body has %s; nothing stored"
+                                     % (header, value, digests[algorithm]))
+        except BaseException:
+            staged.discard()
+            raise
+        return {"staged": [staged], "fields": {}, "retain_until": retain_until}
+
+    def deploy_by_checksum(self, name, expected, retain_until):
+        """X-Checksum-Deploy: answer from a stored blob, body unread."""
+        store = self.server.store
+        for algorithm, (_header, value) in expected.items():
+            sha256 = store.lookup(value) if algorithm in LOOKUP_LENGTHS.values() else None
+            if sha256:
+                self.close_connection = self.close_connection or self.body_unread()
+                return {"staged": [], "fields": {}, "retain_until": retain_until,
+                        "deployed": (name, sha256)}
+        raise NotFound("X-Checksum-Deploy: no stored content has the stated checksum")
+
+    def finish_upload(self, result, pin, names=None):
+        """Publish staged files, expand, name, replicate; answer JSON."""
+        store = self.server.store
+        entries = []
+        status = 200
+        try:
+            for position, staged in enumerate(result["staged"]):
+                info = store.publish(staged, pin=pin, retain_until=result["retain_until"])
+                name_target = names[position] if names else None
+                entry = self.describe_upload(info, staged.filename, staged.head, staged.path,
+                                             name_target, result["retain_until"])
+                if info.new or name_target:
+                    status = 201
+                entries.append(entry)
+            if "deployed" in result:
+                name, sha256 = result["deployed"]
+                entry = self.describe_deployed(name, sha256, names, result["retain_until"], pin)
+                status = 201 if names else 200
+                entries.append(entry)
+        finally:
+            for staged in result["staged"]:
+                staged.discard()
+        response = {"code": status, "status": "Success", "files": entries}
+        response.update(seed_keys(entries[0], self.server.config.checksum_type))
+        headers = {}
+        if names and entries and entries[0].get("url_name"):
+            headers["Location"] = entries[0]["url_name"]
+        self.send_json(status, response, headers)
+
+    def describe_upload(self, info, filename, head, staged_path, name_target, retain_until):
+        store = self.server.store
+        entry = describe_blob(info, filename, head, self.server.url)
+        entry.update(Expander(store, self.server.url).expand(info, head, filename))
+        if name_target is not None:
+            dest, exclusive = name_target
+            source = staged_path if info.new else store.blob_path(info.sha256)
+            if not os.path.exists(source):
+                source = staged_path
+            previous = store.link_name(source, dest, exclusive)
+            relpath = store.relpath(dest)
+            store.set_expiry(relpath, retain_until)
+            if previous and previous != info.sha256:
+                store.release(previous)
+            entry["name_path"] = relpath
+            entry["url_name"] = self.server.url(relpath)
+        else:
+            tree = entry["extracted"]["path"] if entry["extracted"] else None
+            replicas, skipped = make_replicas(
+                store, self.server.config.replicate, self.headers, filename,
+                store.blob_path(info.sha256),
+                os.path.join(store.root, tree) if tree else None, retain_until)
+            entry["replicas"] = replicas
+            entry["replicas_skipped"] = skipped
+        self.server.log_event("stored", name=filename, sha256=info.sha256, size=info.size,
+                              stored="new" if info.new else "existing")
+        return entry
+
+    def describe_deployed(self, name, sha256, names, retain_until, pin):
+        store = self.server.store
+        path = store.blob_path(sha256)
+        with open(path, "rb") as handle:
+            head = handle.read(StagedBlob.SNIFF_BYTES)
+        info = BlobInfo(sha256, os.stat(path).st_size, {"sha256": sha256}, False,
+                        store.blob_relpath(sha256))
+        if pin:
+            store.pin(sha256, retain_until)
+        entry = describe_blob(info, name, head, self.server.url)
+        entry.update({"decompressed": None, "extracted": None, "expansion_error": None,
+                      "deployed": True})
+        if names:
+            dest, exclusive = names[0]
+            previous = store.link_name(path, dest, exclusive)
+            relpath = store.relpath(dest)
+            store.set_expiry(relpath, retain_until)
+            if previous and previous != sha256:
+                store.release(previous)
+            entry["name_path"] = relpath
+            entry["url_name"] = self.server.url(relpath)
+        return entry
+
+    # -- reading names and trees ---------------------------------------------
+
+    def resolve(self, follow=True):
+        """(top, segments, path) of a /files, /explode or /replica URL.
+
+        With ``follow`` the path is resolved through symlinks and must stay
+        inside ARCHIVE_DIR (NotFound otherwise).
+        """
+        top = self.url_path.lstrip("/").split("/", 1)[0]
+        segments = split_url_path(self.rest, "path")
+        store = self.server.store
+        if follow:
+            path = contained(store.root, top, *segments)
+        else:
+            contained(store.root, top, *segments[:-1])
+            path = os.path.join(store.root, top, *segments)
+        return top, segments, path
+
+    def route_get_path(self):
+        top, segments, path = self.resolve()
+        try:
+            mode = retry_stale(os.stat, path).st_mode
+        except OSError:
+            raise NotFound("%s not found" % "/".join([top] + segments))
+        if stat.S_ISDIR(mode):
+            download = self.query.get("download")
+            if download:
+                self.send_tree_archive(path, segments[-1] if segments else top, download)
+            else:
+                self.send_listing(path, "/".join([top] + segments))
+            return
+        name = segments[-1] if segments else top
+        self.send_file(path, self.server.store.name_sha256(path), name)
+
+    def send_file(self, path, sha256, name):
+        """A file with ETag, Last-Modified, conditional requests and Range."""
+        try:
+            handle = retry_stale(open, path, "rb")
+        except OSError:
+            raise NotFound("%s vanished" % name)
+        try:
+            st = os.fstat(handle.fileno())
+            head = handle.read(StagedBlob.SNIFF_BYTES)
+            etag = '"%s"' % sha256
+            headers = {"ETag": etag, "Last-Modified": http_date(st.st_mtime),
+                       "Accept-Ranges": "bytes", "Content-Type": guess_mime(head, name),
+                       "Content-Disposition": content_disposition(name),
+                       "X-Content-Type-Options": "nosniff",
+                       "Content-Security-Policy": "sandbox"}
+            if self.not_modified(etag, st.st_mtime):
+                self.wfile.write(self.send_head_lines(304, {
+                    key: headers[key] for key in ("ETag", "Last-Modified")}))
+                return
+            start, end, status = self.byte_range(st.st_size, etag, st.st_mtime)
+            headers["Content-Length"] = str(end - start)
+            if status == 206:
+                headers["Content-Range"] = "bytes %d-%d/%d" % (start, end - 1, st.st_size)
+            self.wfile.write(self.send_head_lines(status, headers))
+            if self.command != "HEAD" and end > start:
+                self.connection.sendfile(handle, start, end - start)
+                self.response_bytes += end - start
+        finally:
+            handle.close()
+
+    def not_modified(self, etag, mtime):
+        match = self.headers.get("if-none-match")
+        if match is not None:
+            tags = [tag.strip().replace("W/", "", 1) for tag in match.split(",")]
+            return etag in tags or "*" in tags
+        since = parse_http_date(self.headers.get("if-modified-since", ""))
+        return since is not None and int(mtime) <= since
+
+    def byte_range(self, size, etag, mtime):
+        """(start, end, status) for the request's Range (RFC 9110 14.2).
+
+        Several ranges, or an If-Range that no longer matches, get the whole
+        file (200).  Raises RangeNotSatisfiable (416) with Content-Range.
+        """
+        spec = self.headers.get("range")
+        if not spec or self.command not in ("GET", "HEAD"):
+            return 0, size, 200
+        if_range = self.headers.get("if-range")
+        if if_range and if_range.strip() != etag and parse_http_date(if_range) != int(mtime):
+            return 0, size, 200
+        unit, _, ranges = spec.partition("=")
+        if unit.strip().lower() != "bytes" or "," in ranges:
+            return 0, size, 200
+        first, dash, last = ranges.strip().partition("-")
+        unsatisfiable = RangeNotSatisfiable("range %r not satisfiable for %d bytes" % (spec, size),
+                                            headers={"Content-Range": "bytes */%d" % size})
+        if not dash or not (first.isdigit() or last.isdigit()) or \
+                (first and not first.isdigit()) or (last and not last.isdigit()):
+            return 0, size, 200  # not a valid range: ignored, as RFC 9110 allows
+        if not first:
+            length = int(last)
+            if length == 0 or size == 0:
+                raise unsatisfiable
+            return max(0, size - length), size, 206
+        start = int(first)
+        end = min(int(last) + 1, size) if last else size
+        if start >= size or (last and int(last) < start):
+            raise unsatisfiable
+        return start, end, 206
+
+    def send_listing(self, path, relpath):
+        """A directory as JSON or HTML, sorted, streamed (or paged)."""
+        store = self.server.store
+        names = sorted(entry.name for entry in os.scandir(path)
+                       if not entry.name.startswith(".~"))
+        after = self.query.get("after")
+        if after:
+            names = names[_bisect_right(names, after):]
+        limit_text = self.query.get("limit", "")
+        next_marker = None
+        if limit_text:
+            if not limit_text.isdigit() or int(limit_text) == 0:
+                raise BadRequest("limit must be a positive integer")
+            limit = int(limit_text)
+            if len(names) > limit:
+                next_marker = names[limit - 1]
+            names = names[:limit]
+        wants_json = (self.query.get("format") == "json"
+                      or "application/json" in self.headers.get("accept", ""))
+        if not wants_json and not self.url_path.endswith("/"):
+            location = self.url_path + "/" + ("?" + urllib.parse.urlsplit(self.path).query
+                                              if "?" in self.path else "")
+            self.send(301, b"", "text/plain", {"Location": location})
+            return
+        writer = self.start_stream(200, "application/json" if wants_json
+                                   else "text/html; charset=utf-8")
+        if writer is None:
+            return
+        if wants_json:
+            writer.write(('{"path": %s, "entries": [' % json.dumps(relpath + "/")).encode())
+            for number, name in enumerate(names):
+                entry = listing_entry(store, path, name)
+                writer.write(((",\n" if number else "\n") + json.dumps(entry)).encode("utf-8"))
+            writer.write(('\n], "count": %d, "next": %s}\n'
+                          % (len(names), json.dumps(next_marker))).encode())
+        else:
+            writer.write(listing_html_head(relpath).encode("utf-8"))
+            for name in names:
+                writer.write(listing_html_row(listing_entry(store, path, name)).encode("utf-8"))
+            writer.write(listing_html_tail(next_marker).encode("utf-8"))
+        writer.close()
+        self.response_bytes += writer.sent
+
+    def start_stream(self, status, content_type, headers=None):
+        """Send the head of a streamed response; a writer, or None for HEAD."""
+        chunked = self.request_version == "HTTP/1.1"
+        all_headers = {"Content-Type": content_type}
+        all_headers.update(headers or {})
+        if chunked:
+            all_headers["Transfer-Encoding"] = "chunked"
+        else:
+            self.close_connection = True
+        if self.command == "HEAD":
+            all_headers.pop("Transfer-Encoding", None)
+            all_headers["Content-Length"] = "0"
+            self.wfile.write(self.send_head_lines(status, all_headers))
+            return None
+        self.wfile.write(self.send_head_lines(status, all_headers))
+        return ChunkedWriter(self.wfile, chunked)
+
+    def send_tree_archive(self, path, name, kind):
+        """?download=zip|tar.gz: the tree streamed as an archive, not on disk."""
+        if kind not in ("zip", "tar.gz", "tgz", "tar"):
+            raise BadRequest("download must be zip, tar.gz or tar, got %r" % kind)
+        suffix = {"tgz": "tar.gz"}.get(kind, kind)
+        mime = {"zip": "application/zip", "tar": "application/x-tar"}.get(suffix, "application/gzip")
+        writer = self.start_stream(200, mime, {
+            "Content-Disposition": content_disposition(name + "." + suffix, "attachment")})
+        if writer is None:
+            return
+        if suffix == "zip":
+            with zipfile.ZipFile(writer, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+                for full, arcname in walk_tree(path):
+                    archive.write(full, arcname)
+        else:
+            mode = "w|gz" if suffix == "tar.gz" else "w|"
+            with tarfile.open(fileobj=writer, mode=mode, format=tarfile.PAX_FORMAT) as archive:
+                for full, arcname in walk_tree(path):
+                    archive.add(full, arcname, recursive=False)
+        writer.close()
+        self.response_bytes += writer.sent
+
+    def route_delete_path(self):
+        top, segments, path = self.resolve(follow=False)
+        if not segments:
+            raise BadRequest("DELETE needs a path under /%s/" % top)
+        store = self.server.store
+        relpath = "/".join([top] + segments)
+        if os.path.islink(path):
+            os.unlink(path)
+            counts = (1, 0)
+        elif os.path.isdir(path):
+            counts = store.remove_tree(path)
+        elif os.path.isfile(path):
+            counts = store.remove_name(path)
+        else:
+            raise NotFound("%s not found" % relpath)
+        self.send_json(200, {"code": 200, "status": "Success", "deleted": relpath,
+                             "names": counts[0], "reclaimed": counts[1]})
+
+
+def _bisect_right(names, marker):
+    import bisect
+    return bisect.bisect_right(names, marker)
+
+
+def walk_tree(root):
+    """(path, archive name) of every file and link under ``root``, sorted.
+
+    Symlinks are kept as links (tar) or followed when they stay inside
+    ``root`` (zip); directories come before what they hold.
+    """
+    for parent, dirs, files in os.walk(root):
+        dirs.sort()
+        rel = os.path.relpath(parent, root)
+        for name in sorted(files) + [d for d in dirs if os.path.islink(os.path.join(parent, d))]:
+            if name.startswith(".~"):
+                continue
+            full = os.path.join(parent, name)
+            arcname = name if rel == "." else rel.replace(os.sep, "/") + "/" + name
+            if os.path.islink(full):
+                target = os.path.realpath(full)
+                if not (target == root or target.startswith(os.path.realpath(root) + os.sep)):
+                    continue
+                if os.path.isdir(target):
+                    continue
+            yield full, arcname
+
+
+def listing_entry(store, directory, name):
+    full = os.path.join(directory, name)
+    try:
+        st = os.lstat(full)
+    except FileNotFoundError:
+        return {"name": name, "type": "gone"}
+    entry = {"name": name, "mtime": round(st.st_mtime, 3)}
+    if stat.S_ISLNK(st.st_mode):
+        entry["type"] = "symlink"
+        entry["target"] = os.readlink(full)
+    elif stat.S_ISDIR(st.st_mode):
+        entry["type"] = "dir"
+    else:
+        entry["type"] = "file"
+        entry["size"] = st.st_size
+        try:
+            entry["sha256"] = store.name_sha256(full)
+        except OSError:
+            entry["sha256"] = None
+    return entry
+
+
+def stated_digests(headers):
+    """{algorithm: (header, hex)} of the digests a client says it sent.
+
+    Content-MD5 (base64), Repr-Digest / Content-Digest (RFC 9530) and
+    X-Checksum-<Alg> (hex).  Raises BadRequest for an unreadable value
+    or two headers that disagree.
+    """
+    stated = {}
+
+    def state(algorithm, header, value):
+        value = value.lower()
+        if algorithm in stated and stated[algorithm][1] != value:
+            raise BadRequest("%s and %s disagree" % (stated[algorithm][0], header))
+        stated[algorithm] = (header, value)
+
+    md5 = headers.get("content-md5")
+    if md5:
+        try:
+            state("md5", "Content-MD5", base64.b64decode(md5.strip(), validate=True).hex())
+        except binascii.Error:
+            raise BadRequest("Content-MD5 is not base64")
+    for header in ("Repr-Digest", "Content-Digest"):
+        value = headers.get(header)
+        if not value:
+            continue
+        for item in value.split(","):
+            key, _, encoded = item.strip().partition("=")
+            algorithm = {"sha-256": "sha256", "sha-512": "sha512"}.get(key.strip().lower())
+            if algorithm is None:
+                continue
+            encoded = encoded.strip()
+            if not (encoded.startswith(":") and encoded.endswith(":")):
+                raise BadRequest("%s value for %s must be :base64:" % (header, key))
+            try:
+                state(algorithm, header, base64.b64decode(encoded[1:-1], validate=True).hex())
+            except binascii.Error:
+                raise BadRequest("%s value for %s is not base64" % (header, key))
+    for algorithm, length in (("md5", 32), ("sha1", 40), ("sha256", 64), ("sha512", 128)):
+        header = "X-Checksum-" + algorithm.capitalize()
+        value = headers.get(header)
+        if value is None:
+            continue
+        value = value.strip()
+        if len(value) != length or not re.match(r"^[0-9a-fA-F]+$", value):
+            raise BadRequest("%s must be %d hex digits" % (header, length))
+        state(algorithm, header, value)
+    return stated
+
+
+def seed_keys(entry, checksum_type):
+    """The seed's "checksum" and "path" keys for the first file."""
+    decompressed = entry.get("decompressed")
+    extracted = entry.get("extracted")
+    archive_key = None
+    if extracted:
+        archive_key = (decompressed or entry)["checksums"].get(checksum_type)
+    return {
+        "checksum": {"blob": entry["checksums"].get(checksum_type),
+                     "decompressed": decompressed["checksums"].get(checksum_type)
+                     if decompressed else None,
+                     "archive": archive_key},
+        "path": {"blob": entry["path"],
+                 "decompressed": decompressed["path"] if decompressed else None,
+                 "archive": extracted["path"] if extracted else None,
+                 "replicas": entry.get("replicas", [])},
+    }
+
+
+# ===========================================================================
+# The web page: upload (drag and drop, progress), browse, checksum lookup
+# ===========================================================================
+
+PAGE_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>http_bucket</title>
+<style>
+ body{font:15px/1.45 system-ui,sans-serif;max-width:52rem;margin:2rem auto;padding:0 1rem;color:#222}
+ h1{font-size:1.4rem} section{margin:1.5rem 0} code{background:#f3f3f3;padding:0 .25rem}
+ #drop{border:2px dashed #999;border-radius:8px;padding:2rem;text-align:center;cursor:pointer}
+ #drop.over{border-color:#06c;background:#eef5ff}
+ progress{width:100%} table{border-collapse:collapse;width:100%}
+ td,th{padding:.2rem .4rem;border-bottom:1px solid #eee;text-align:left;font-size:.9rem}
+ .ok{color:#080} .no{color:#b00} input[type=text]{width:100%;font-family:monospace}
+</style></head><body>
+<h1>http_bucket</h1>
+<section><h2>Upload</h2>
+<div id="drop" tabindex="0">Drop files here or click to choose
+ (archives are expanded)<input id="pick" type="file" multiple hidden></div>
+<p><label>Retain days (empty: server default) <input id="retain" size="6"></label></p>
+<progress id="bar" value="0" max="1" hidden></progress>
+<table id="results"><thead><tr><th>file</th><th>size</th><th>sha256</th><th>stored</th></tr></thead>
+<tbody></tbody></table></section>
+<section><h2>Is it stored?</h2>
+<form id="lookup"><input id="digest" type="text" placeholder="md5, sha1, sha256 or sha512 hex"
+ aria-label="checksum"> <button>Look up</button></form><p id="answer" role="status"></p></section>
+<section><h2>Browse</h2><p><a href="/files/">files/</a> &middot; <a href="/replica/">replica/</a>
+ &middot; <a href="/explode/">explode/</a> &middot; <a href="/config">config</a></p>
+<p>From a shell: <code>curl -F 'file=@results.xml' HOST/upload</code></p></section>
+<script>
+const drop=document.getElementById('drop'),pick=document.getElementById('pick'),
+ bar=document.getElementById('bar'),rows=document.querySelector('#results tbody');
+drop.onclick=()=>pick.click();
+drop.onkeydown=e=>{if(e.key==='Enter'||e.key===' ')pick.click()};
+pick.onchange=()=>send(pick.files);
+drop.ondragover=e=>{e.preventDefault();drop.classList.add('over')};
+drop.ondragleave=()=>drop.classList.remove('over');
+drop.ondrop=e=>{e.preventDefault();drop.classList.remove('over');send(e.dataTransfer.files)};
+function cell(text){const td=document.createElement('td');td.textContent=text;return td}
+function send(files){
+ if(!files.length)return;
+ const form=new FormData();for(const f of files)form.append('file',f,f.name);
+ const xhr=new XMLHttpRequest(),days=document.getElementById('retain').value.trim();
+ xhr.open('POST','/upload'+(days?'?retain_days='+encodeURIComponent(days):''));
+ bar.hidden=false;bar.value=0;
+ xhr.upload.onprogress=e=>{if(e.lengthComputable)bar.value=e.loaded/e.total};
+ xhr.onload=()=>{bar.value=1;let r;try{r=JSON.parse(xhr.responseText)}catch(e){r={error:xhr.statusText}}
+  if(!r.files){const tr=document.createElement('tr');tr.appendChild(cell(r.error||'failed'));
+   tr.className='no';rows.prepend(tr);return}
+  for(const f of r.files){const tr=document.createElement('tr');
+   const a=document.createElement('a');a.href=f.url;a.textContent=f.name;
+   const td=document.createElement('td');td.appendChild(a);tr.appendChild(td);
+   tr.appendChild(cell(f.size));tr.appendChild(cell(f.checksums.sha256));
+   tr.appendChild(cell(f.stored+(f.extracted?' +'+f.extracted.count+' members':'')));rows.prepend(tr)}};
+ xhr.onerror=()=>{const tr=document.createElement('tr');tr.appendChild(cell('upload failed'));rows.prepend(tr)};
+ xhr.send(form)}
+document.getElementById('lookup').onsubmit=async e=>{e.preventDefault();
+ const d=document.getElementById('digest').value.trim(),out=document.getElementById('answer');
+ const r=await fetch('/checksum/'+encodeURIComponent(d),{method:'HEAD'});
+ out.className=r.ok?'ok':'no';
+ out.textContent=r.ok?'stored ('+r.headers.get('X-Blob-Size')+' bytes)':
+  r.status===404?'not stored':'not a checksum (32, 40, 64 or 128 hex digits)';
+ if(r.ok){const a=document.createElement('a');a.href='/checksum/'+d;a.textContent=' download';out.appendChild(a)}};
+</script></body></html>
+"""
+
+
+def listing_html_head(relpath):
+    title = html.escape(relpath + "/")
+    return ("<!doctype html><html><head><meta charset='utf-8'><title>%s</title>"
+            "<style>body{font:14px system-ui,sans-serif;margin:1.5rem}td,th{padding:.15rem .6rem;"
+            "text-align:left}td.n{text-align:right}</style></head><body><h1>%s</h1>"
+            "<p><a href='../'>..</a> &middot; <a href='/'>upload</a> &middot; download as "
+            "<a href='?download=zip'>zip</a> <a href='?download=tar.gz'>tar.gz</a></p><table>"
+            "<tr><th>name</th><th>size</th><th>modified (UTC)</th><th>sha256</th></tr>"
+            % (title, title))
+
+
+def listing_html_row(entry):
+    name = entry["name"] + ("/" if entry.get("type") == "dir" else "")
+    link = urllib.parse.quote(entry["name"]) + ("/" if entry.get("type") == "dir" else "")
+    mtime = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(entry.get("mtime", 0)))
+    extra = " &rarr; " + html.escape(entry["target"]) if entry.get("type") == "symlink" else ""
+    return "<tr><td><a href='%s'>%s</a>%s</td><td class=n>%s</td><td>%s</td><td><code>%s</code></td></tr>\n" % (
+        html.escape(link, quote=True), html.escape(name), extra,
+        entry.get("size", ""), mtime, entry.get("sha256") or "")
+
+
+def listing_html_tail(next_marker):
+    more = ""
+    if next_marker:
+        more = "<p><a href='?after=%s&amp;limit=1000'>next page</a></p>" % urllib.parse.quote(next_marker)
+    return "</table>%s</body></html>\n" % more
+
+
+# ===========================================================================
+# Server and command line
+# ===========================================================================
+
+
+class BucketServer(ThreadingHTTPServer):
+    """ThreadingHTTPServer with a connection cap, TLS, logs and metrics."""
+
+    daemon_threads = True
+    request_queue_size = 1024  # the default 5 drops connections in bursts
+    allow_reuse_address = True
+
+    def __init__(self, config, store, ssl_context=None, log_stream=None):
+        self.config = config
+        self.store = store
+        self.ssl_context = ssl_context
+        self.log_stream = log_stream or sys.stderr
+        self.log_lock = threading.Lock()
+        self.token, self.read_token = config.token, config.read_token
+        self.active = 0
+        self.requests_in_flight = 0
+        self.active_lock = threading.Lock()
+        self.counters = collections.Counter()
+        host = config.bind or ("::" if socket.has_ipv6 and _dual_stack() else "0.0.0.0")
+        if ":" in host:
+            self.address_family = socket.AF_INET6
+        super().__init__((host, config.port), Handler)
+
+    def server_bind(self):
+        if self.address_family == socket.AF_INET6:
+            try:
+                self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            except (OSError, AttributeError):
+                pass
+        super().server_bind()
+
+    def get_request(self):
+        connection, address = self.socket.accept()
+        if self.ssl_context is not None:
+            connection = self.ssl_context.wrap_socket(
+                connection, server_side=True, do_handshake_on_connect=False)
+        return connection, address
+
+    def process_request(self, request, client_address):
+        with self.active_lock:
+            if self.active >= self.config.max_connections:
+                refuse = True
+            else:
+                refuse = False
+                self.active += 1
+        if refuse:
+            self.counters["refused"] += 1
+            self.refuse(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            with self.active_lock:
+                self.active -= 1
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self.active_lock:
+                self.active -= 1
+
+    def busy_change(self, delta):
+        with self.active_lock:
+            self.requests_in_flight += delta
+
+    def busy(self):
+        return self.requests_in_flight > 0
+
+    def refuse(self, request):
+        """503 with Retry-After for a connection over the cap, then close."""
+        body = json_bytes({"code": 503, "status": "error",
+                           "error": "too many connections (BUCKET_MAX_CONNECTIONS=%d)"
+                           % self.config.max_connections})
+        head = ("HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                "Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n" % len(body))
+        try:
+            if not isinstance(request, ssl.SSLSocket):
+                request.settimeout(0.5)
+                request.sendall(head.encode() + body)
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
+    def url(self, relpath):
+        path = "/" + urllib.parse.quote(relpath)
+        base = self.config.uri.rstrip("/")
+        return base + path if base else path
+
+    def log_event(self, kind, **fields):
+        if self.config.log_format == "json":
+            fields = dict({"time": round(time.time(), 3), "event": kind}, **fields)
+            line = json.dumps(fields, ensure_ascii=False)
+        elif kind == "access":
+            line = '%s - - [%s] "%s %s" %s %s %sms' % (
+                fields["client"], time.strftime("%d/%b/%Y %H:%M:%S"), fields["method"],
+                fields["path"], fields["status"], fields["bytes"], fields["ms"])
+        elif kind == "message":
+            line = fields["text"]
+        else:
+            line = "%s %s" % (kind, " ".join("%s=%s" % item for item in fields.items()))
+        with self.log_lock:
+            try:
+                self.log_stream.write(line + "\n")
+                self.log_stream.flush()
+            except (OSError, ValueError):
+                pass
+
+    def count_request(self, status):
+        self.counters["requests_%dxx" % (status // 100 if status else 0)] += 1
+
+    def metrics(self):
+        lines = ["# TYPE http_bucket_requests_total counter"]
+        for klass in ("2xx", "3xx", "4xx", "5xx"):
+            lines.append('http_bucket_requests_total{class="%s"} %d'
+                         % (klass, self.counters["requests_" + klass]))
+        lines += ["# TYPE http_bucket_refused_connections_total counter",
+                  "http_bucket_refused_connections_total %d" % self.counters["refused"],
+                  "# TYPE http_bucket_connections gauge",
+                  "http_bucket_connections %d" % self.active,
+                  "# TYPE http_bucket_blobs gauge",
+                  "http_bucket_blobs %d" % len(self.store.index),
+                  "# TYPE http_bucket_index_ready gauge",
+                  "http_bucket_index_ready %d" % self.store.ready.is_set()]
+        return "\n".join(lines) + "\n"
+
+
+def _dual_stack():
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="http_bucket.py",
+        description="Keep files that ephemeral processes upload by HTTP. Every "
+                    "setting also reads the environment variable named in its help; "
+                    "flags win.",
+        epilog="Replicas: REPLICATE_0 .. REPLICATE_9 hold templates such as "
+               "'user/${Username}/${Topic}', filled from request headers. "
+               "HTTP_BUCKET_NO_MAGIC=1 ignores python-magic.")
+    for setting in SETTINGS:
+        help_text = "%s [%s] (default: %s)" % (setting.help, setting.env,
+                                              setting.default or "none")
+        if setting.flags == ("port",):
+            parser.add_argument("port", nargs="?", metavar="PORT", help=help_text)
+        else:
+            parser.add_argument(*setting.flags, dest=setting.dest, metavar=setting.metavar,
+                                help=help_text)
+    parser.add_argument("--verify", action="store_true",
+                        help="re-hash every blob, report mismatches and exit "
+                             "(changes nothing; exit status 1 on a mismatch)")
+    parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
+    return parser
+
+
+def load_config(argv=None, environ=None):
+    """Parse flags and environment into a Config; raises ConfigError."""
+    environ = os.environ if environ is None else environ
+    args = build_parser().parse_args(argv)
+    values = {}
+    for setting in SETTINGS:
+        given = getattr(args, setting.dest)
+        source = setting.flags[-1] if given is not None else setting.env
+        text = given if given is not None else environ.get(setting.env, setting.default)
+        try:
+            values[setting.dest] = setting.parse(text)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError("%s=%r: %s" % (source, text, exc))
+    for dest, file_dest in (("token", "token_file"), ("read_token", "read_token_file")):
+        if values[file_dest]:
+            try:
+                with open(values[file_dest], encoding="utf-8") as handle:
+                    values[dest] = handle.readline().strip()
+            except OSError as exc:
+                raise ConfigError("%s: cannot read %s: %s" % (file_dest, values[file_dest], exc))
+            if not values[dest]:
+                raise ConfigError("%s: %s holds no token" % (file_dest, values[file_dest]))
+    if bool(values["certfile"]) != bool(values["keyfile"]):
+        raise ConfigError("--certfile and --keyfile go together")
+    values["replicate"] = load_replicate_templates(environ)
+    config = Config(**values)
+    config.verify = args.verify
+    return config
+
+
+def verify_store(config, out):
+    """Re-hash every blob; print mismatches; return how many there were."""
+    root = os.path.join(config.directory, "blob")
+    checked = bad = 0
+    for level1 in _scandirs(root):
+        for level2 in _scandirs(level1.path):
+            for entry in sorted(os.scandir(level2.path), key=lambda e: e.name):
+                if not entry.is_file(follow_symlinks=False):
+                    continue
+                digest = hashlib.sha256()
+                with open(entry.path, "rb") as handle:
+                    for data in iter(lambda: handle.read(CHUNK_SIZE), b""):
+                        digest.update(data)
+                checked += 1
+                if digest.hexdigest() != entry.name:
+                    bad += 1
+                    out.write("MISMATCH blob/%s/%s/%s holds sha256 %s\n" % (
+                        level1.name, level2.name, entry.name, digest.hexdigest()))
+    out.write("verified %d blobs, %d mismatched\n" % (checked, bad))
+    return bad
+
+
+def make_ssl_context(config):
+    if not config.certfile:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(config.certfile, config.keyfile)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError("--certfile/--keyfile: %s" % exc)
+    return context
+
+
+def main(argv=None):
+    """Run the server until SIGTERM or SIGINT; returns the exit status."""
+    try:
+        config = load_config(argv)
+        if config.verify:
+            return 1 if verify_store(config, sys.stdout) else 0
+        ssl_context = make_ssl_context(config)
+    except ConfigError as exc:
+        sys.stderr.write("http_bucket: error: %s\n" % exc)
+        return 2
+    log_lock = threading.Lock()
+
+    def log(message):
+        with log_lock:
+            sys.stderr.write("http_bucket: %s\n" % message)
+            sys.stderr.flush()
+
+    try:
+        store = Store(config, log)
+        server = BucketServer(config, store, ssl_context)
+    except OSError as exc:
+        sys.stderr.write("http_bucket: error: cannot start: %s\n" % exc)
+        return 2
+    host, port = server.server_address[:2]
+    shown = "[%s]" % host if ":" in host else host
+    scheme = "https" if ssl_context else "http"
+    log("storing in %s" % config.directory)
+    log("serving on %s://%s:%d/ (python-magic: %s)" % (
+        scheme, shown if host not in ("0.0.0.0", "::") else "0.0.0.0", port,
+        "yes" if HAVE_MAGIC else "no"))
+    if not config.token and host not in ("127.0.0.1", "::1", "localhost"):
+        log("warning: listening beyond loopback without BUCKET_TOKEN: anyone who "
+            "reaches this port can write and delete")
+    threading.Thread(target=store.load, name="index-load", daemon=True).start()
+    sweeper = Sweeper(store, config.sweep_interval or 60)
+    sweeper.start()
+    stopping = threading.Event()
+
+    def on_signal(signum, frame):
+        if not stopping.is_set():
+            stopping.set()
+            threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        server.server_close()
+        deadline = time.monotonic() + SHUTDOWN_GRACE
+        while server.busy() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        sweeper.stopping.set()
+        store.journal.close()
+        log("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
