@@ -2303,10 +2303,18 @@ class Handler(BaseHTTPRequestHandler):
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass  # not TCP (tests on a socketpair)
+        self.handshake_error = None
         if isinstance(self.connection, ssl.SSLSocket):
-            self.connection.do_handshake()
+            try:
+                self.connection.do_handshake()
+            except (ssl.SSLError, OSError) as exc:
+                self.handshake_error = exc  # a plain-HTTP client, a scanner
 
     def handle(self):
+        if self.handshake_error is not None:
+            self.server.log_event("message", text="TLS handshake with %s failed: %s" % (
+                self.client_address[0], self.handshake_error))
+            return
         try:
             super().handle()
         except (ConnectionError, socket.timeout, ssl.SSLError, OSError):
@@ -3323,6 +3331,11 @@ class BucketServer(ThreadingHTTPServer):
         finally:
             with self.active_lock:
                 self.active -= 1
+
+    def handle_error(self, request, client_address):
+        """A failure outside a request (dispatch catches those): one log line."""
+        self.log_event("message", text="connection from %s failed: %s" % (
+            client_address[0] if client_address else "-", sys.exc_info()[1]))
 
     def busy_change(self, delta):
         with self.active_lock:
