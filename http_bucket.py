@@ -1033,6 +1033,7 @@ class Journal:
         B <time> <size> <alg>=<hex> ...      a blob and its digests
         P <time> <sha256> <retain_until>      pinned: kept without a name
         U <time> <sha256>                     unpinned
+        D <time> <sha256> <derived sha256>    decompressed from it: goes with it
         E <time> <retain_until> <relpath>     a name's expiry (0: none)
 
     The file is locked (fcntl) while its process lives: an unlockable
@@ -1084,7 +1085,7 @@ def parse_journal_line(line):
     if not line.endswith("\n"):
         return None  # torn by a crash mid-write: ignored
     fields = line[:-1].split("\t")
-    if len(fields) < 3 or fields[0] not in ("B", "P", "U", "E"):
+    if len(fields) < 3 or fields[0] not in ("B", "P", "U", "E", "D"):
         return None
     try:
         return fields[0], float(fields[1]), fields[2:]
@@ -1122,6 +1123,7 @@ class Store:
         self.index = ChecksumIndex(self.algorithms)
         self.pins = {}        # sha256 hex -> retain_until (0: forever)
         self.expiries = {}    # relpath -> retain_until, names that expire
+        self.derived = {}     # sha256 -> sha256 of its decompressed blob
         self.ready = threading.Event()
         self.journal_offsets = {}
         self.refresh_lock = threading.Lock()
@@ -1136,6 +1138,10 @@ class Store:
 
     def blob_path(self, sha256):
         return os.path.join(self.root, self.blob_relpath(sha256))
+
+    def tree_path(self, sha256):
+        """Where the archive with that sha256 is expanded."""
+        return os.path.join(self.root, "explode", sha256[:2], sha256[2:4], sha256)
 
     def relpath(self, path):
         return os.path.relpath(path, self.root).replace(os.sep, "/")
@@ -1218,6 +1224,8 @@ class Store:
             self.pins[fields[0]] = until
         elif kind == "U":
             self.pins.pop(fields[0], None)
+        elif kind == "D" and len(fields) >= 2:
+            self.derived[fields[0]] = fields[1]
         elif kind == "E" and len(fields) >= 2:
             until = float(fields[0])
             if until:
@@ -1293,6 +1301,8 @@ class Store:
                   for sha256, until in list(self.pins.items())]
         lines += ["E\t%.3f\t%.3f\t%s\n" % (now, until, relpath)
                   for relpath, until in list(self.expiries.items())]
+        lines += ["D\t%.3f\t%s\t%s\n" % (now, source, derived)
+                  for source, derived in list(self.derived.items())]
         try:
             with self.journal.lock:
                 os.write(self.journal.fd, "".join(lines).encode("utf-8", "surrogateescape"))
@@ -1410,6 +1420,12 @@ class Store:
         self.journal.write("P", "%.3f" % utc_now(), sha256, "%.3f" % retain_until)
         self.pins[sha256] = retain_until
 
+    def add_derived(self, source, derived):
+        """``derived`` was decompressed from ``source``: kept while it is."""
+        if self.derived.get(source) != derived:
+            self.journal.write("D", "%.3f" % utc_now(), source, derived)
+            self.derived[source] = derived
+
     def unpin(self, sha256):
         if self.pins.pop(sha256, None) is not None:
             self.journal.write("U", "%.3f" % utc_now(), sha256)
@@ -1470,11 +1486,11 @@ class Store:
         Safe against a concurrent link (here or in another process): the
         blob is first moved aside, and put back if a link appeared.
         """
-        if sha256 in self.pins:
-            return False
-        self.refresh_journals()  # another process may have pinned it
-        if sha256 in self.pins:
-            return False
+        for attempt in range(2):
+            if sha256 in self.pins or sha256 in self.derived.values():
+                return False
+            if attempt == 0:
+                self.refresh_journals()  # another process may have pinned it
         return self._remove_blob(sha256, only_if_unreferenced=True)
 
     def _remove_blob(self, sha256, only_if_unreferenced):
@@ -1495,7 +1511,17 @@ class Store:
             return False
         os.unlink(grave)
         self.index.forget()
+        self._remove_derived(sha256)
         return True
+
+    def _remove_derived(self, sha256):
+        """A blob is gone: so are its explode tree and decompressed blob."""
+        tree = self.tree_path(sha256)
+        if os.path.isdir(tree):
+            self.remove_tree(tree)
+        derived = self.derived.pop(sha256, None)
+        if derived:
+            self.release(derived)
 
     def delete_blob(self, sha256):
         """DELETE /checksum: remove a blob no name uses, with what hangs off it.
@@ -1510,9 +1536,6 @@ class Store:
         if links > 1:
             raise Conflict("%d name(s) still use blob %s; delete them first"
                            % (links - 1, sha256), headers={"X-Names": str(links - 1)})
-        tree = os.path.join(self.root, "explode", sha256[:2], sha256[2:4], sha256)
-        if os.path.isdir(tree):
-            self.remove_tree(tree)
         self.unpin(sha256)
         self._remove_blob(sha256, only_if_unreferenced=False)
 
@@ -1853,7 +1876,7 @@ class TreeBuilder:
                 else:
                     os.symlink(link_target, target)
                     files.append({"path": path, "symlink": link_target})
-        destination = os.path.join(store.root, "explode", key[:2], key[2:4], key)
+        destination = store.tree_path(key)
         makedirs(os.path.dirname(destination))
         try:
             os.rename(self.root, destination)
@@ -1978,12 +2001,13 @@ class Expander:
                     raise storage_error(exc)
                 raise ExpansionStopped("corrupt %s data: %s" % (kind, exc))
             staged.finish()
-            inner = self.store.publish(staged, pin=True)
+            inner = self.store.publish(staged)
+            self.store.add_derived(info.sha256, inner.sha256)
             return describe_blob(inner, name, staged.head, self.urls), staged.head
 
     def _explode(self, key, walker, budget):
         store = self.store
-        tree = os.path.join(store.root, "explode", key[:2], key[2:4], key)
+        tree = store.tree_path(key)
         if os.path.isdir(tree):
             return self.describe_tree(tree)
         builder = TreeBuilder(store, budget)
@@ -2201,9 +2225,6 @@ class Sweeper(threading.Thread):
             expired += 1
         for sha256, until in list(store.pins.items()):
             if until and until <= now:
-                tree = os.path.join(store.root, "explode", sha256[:2], sha256[2:4], sha256)
-                if os.path.isdir(tree):
-                    store.remove_tree(tree)
                 store.unpin(sha256)
                 store.release(sha256)
                 expired += 1
