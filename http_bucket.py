@@ -1382,11 +1382,13 @@ class Store:
         except OSError as exc:
             raise storage_error(exc)
 
-    def publish(self, staged, pin=False, retain_until=0.0):
+    def publish(self, staged, pin=False, retain_until=0.0, durable=True):
         """Make a finished StagedBlob a blob (or find it stored): BlobInfo.
 
         The record is journaled before the blob becomes visible; an
         identical blob published concurrently wins and this one is "existing".
+        ``durable=False`` leaves the directory fsync to the caller (one
+        os.sync for an archive's members: 10,000 fsyncs took 5 s here).
         """
         digests = staged.digests
         sha256 = digests["sha256"]
@@ -1401,7 +1403,7 @@ class Store:
                     makedirs(os.path.dirname(path))
                     os.link(staged.path, path)
                 new = True
-                if self.config.fsync:
+                if durable and self.config.fsync:
                     fsync_dir(os.path.dirname(path))
             except FileExistsError:
                 pass
@@ -1860,7 +1862,7 @@ class TreeBuilder:
         for path, member in self.members.items():
             target = os.path.join(self.root, path)
             if isinstance(member, StagedBlob):
-                info = store.publish(member)
+                info = store.publish(member, durable=False)
                 _link_from(store.blob_path(info.sha256) if not info.new else member.path, target,
                            member.path)
                 blobs[path] = info
@@ -1884,6 +1886,8 @@ class TreeBuilder:
             if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                 raise storage_error(exc)
             # Expanded meanwhile by another upload: that tree stands.
+        if store.config.fsync:
+            os.sync()  # the new blob and tree names, all at once
         self.discard()
         return store.relpath(destination), files
 
@@ -1924,7 +1928,7 @@ def expand_zip(builder, path):
                 elif stat.S_ISLNK(mode):
                     builder.add_link(info.filename, archive.read(info).decode(
                         "utf-8", "replace"), hard=False)
-                elif mode and not stat.S_ISREG(mode):
+                elif stat.S_IFMT(mode) and not stat.S_ISREG(mode):  # no type bits: a file
                     builder.budget.add_member()
                     builder.skip(info.filename, "not a regular file (mode %o)" % mode)
                 elif info.flag_bits & 0x1:
