@@ -108,8 +108,9 @@ SHUTDOWN_GRACE = 30.0               # seconds SIGTERM waits for uploads
 
 DEFAULT_DIGESTS = ("md5", "sha256", "sha512")
 LOOKUP_LENGTHS = {32: "md5", 40: "sha1", 64: "sha256", 128: "sha512"}
-XATTR_SHA256 = "user.http_bucket.sha256"  # on each blob inode, so any name
-                                          # (a hardlink) tells its blob
+XATTR_DIGESTS = "user.http_bucket.digests"  # "md5=..;sha256=.." on each blob
+                                            # inode: any name (a hardlink)
+                                            # tells its blob and digests
 
 # ===========================================================================
 # Errors: each carries its HTTP status; the dispatcher turns them into JSON
@@ -272,7 +273,10 @@ def split_url_path(raw, what="path"):
     for piece in raw.split("/"):
         if piece == "":
             continue
-        segment = urllib.parse.unquote(piece, errors="strict")
+        try:
+            segment = urllib.parse.unquote(piece, errors="strict")
+        except UnicodeDecodeError:
+            raise BadRequest("%s segment %r is not UTF-8 once percent-decoded" % (what, piece[:60]))
         segments.append(check_segment(segment, what))
     return segments
 
@@ -933,7 +937,8 @@ class StagedBlob:
                 os.fsync(self.fd)
             os.fchmod(self.fd, 0o444)  # blobs are read-only on disk
             try:
-                os.setxattr(self.fd, XATTR_SHA256, self.digests["sha256"].encode())
+                os.setxattr(self.fd, XATTR_DIGESTS, ";".join(
+                    "%s=%s" % item for item in sorted(self.digests.items())).encode())
             except (OSError, AttributeError):
                 pass  # no user xattrs here: names are hashed when asked
         except OSError as exc:
@@ -1357,20 +1362,30 @@ class Store:
 
     def name_sha256(self, path):
         """sha256 of the file at ``path`` (a name: a hardlink to a blob)."""
+        return self.digests_of(path)["sha256"]
+
+    def digests_of(self, path):
+        """{algorithm: hex} of a blob or name, from the xattr its blob got
+        when stored; content without it (copied in, a filesystem without
+        user xattrs) is hashed once and remembered by inode.
+        """
         try:
-            return os.getxattr(path, XATTR_SHA256).decode("ascii")
-        except (OSError, AttributeError, UnicodeDecodeError):
+            text = os.getxattr(path, XATTR_DIGESTS).decode("ascii")
+            digests = dict(item.split("=", 1) for item in text.split(";"))
+            if all(name in digests for name in self.algorithms):
+                return digests
+        except (OSError, AttributeError, UnicodeDecodeError, ValueError):
             pass
         st = os.stat(path)
         key = (st.st_dev, st.st_ino, st.st_mtime_ns)
         if key not in self._name_digests:
-            digest = hashlib.sha256()
+            digester = Digester(self.algorithms)
             with open(path, "rb") as handle:
                 for data in iter(lambda: handle.read(CHUNK_SIZE), b""):
-                    digest.update(data)
+                    digester.update(data)
             if len(self._name_digests) > 10000:
                 self._name_digests.clear()
-            self._name_digests[key] = digest.hexdigest()
+            self._name_digests[key] = digester.hexdigests()
         return self._name_digests[key]
 
     # -- writing -------------------------------------------------------------
@@ -2037,7 +2052,7 @@ class Expander:
                     files.append({"path": rel, "symlink": os.readlink(full)})
                     continue
                 files.append({"path": rel, "size": os.stat(full).st_size,
-                              "checksums": {"sha256": store.name_sha256(full)}})
+                              "checksums": store.digests_of(full)})
         relpath = store.relpath(tree)
         return {"path": relpath, "url": self.urls(relpath), "count": len(files),
                 "files": files[:MAX_JSON_LIST], "skipped": [], "existing": True}
@@ -2427,11 +2442,7 @@ class Handler(BaseHTTPRequestHandler):
             self.url_path = url.path
             self.query = dict(urllib.parse.parse_qsl(url.query, keep_blank_values=True))
             top, _, self.rest = url.path.lstrip("/").partition("/")
-            routes = self.ROUTES.get(self.command)
-            if routes is None:
-                raise MethodNotAllowed("method %s not supported" % self.command,
-                                       headers={"Allow": "GET, HEAD, POST, PUT, DELETE"})
-            name = routes.get(top)
+            name = self.ROUTES.get(self.command, {}).get(top)
             if name is None:
                 allowed = [method for method, table in self.ROUTES.items() if top in table]
                 if allowed:
@@ -2750,13 +2761,22 @@ class Handler(BaseHTTPRequestHandler):
     def deploy_by_checksum(self, name, expected, retain_until):
         """X-Checksum-Deploy: answer from a stored blob, body unread."""
         store = self.server.store
-        for algorithm, (_header, value) in expected.items():
-            sha256 = store.lookup(value) if algorithm in LOOKUP_LENGTHS.values() else None
-            if sha256:
-                self.close_connection = self.close_connection or self.body_unread()
-                return {"staged": [], "fields": {}, "retain_until": retain_until,
-                        "deployed": (name, sha256)}
-        raise NotFound("X-Checksum-Deploy: no stored content has the stated checksum")
+        if not expected:
+            raise BadRequest("X-Checksum-Deploy needs a digest header (X-Checksum-Sha256, ...)")
+        found = {}
+        for algorithm, (header, value) in expected.items():
+            found[header] = store.lookup(value) if algorithm in LOOKUP_LENGTHS.values() else None
+        if not any(found.values()):
+            raise NotFound("X-Checksum-Deploy: no stored content has the stated checksum")
+        sha256 = next(value for value in found.values() if value)
+        digests = store.digests_of(store.blob_path(sha256))
+        for algorithm, (header, value) in expected.items():
+            if digests.get(algorithm, value) != value:
+                raise BadRequest("X-Checksum-Deploy: %s does not match the stored content "
+                                 "(it has %s)" % (header, digests[algorithm]))
+        self.close_connection = self.close_connection or self.body_unread()
+        return {"staged": [], "fields": {}, "retain_until": retain_until,
+                "deployed": (name, sha256)}
 
     def finish_upload(self, result, pin, names=None):
         """Publish staged files, expand, name, replicate; answer JSON."""
@@ -2820,7 +2840,7 @@ class Handler(BaseHTTPRequestHandler):
         path = store.blob_path(sha256)
         with open(path, "rb") as handle:
             head = handle.read(StagedBlob.SNIFF_BYTES)
-        info = BlobInfo(sha256, os.stat(path).st_size, {"sha256": sha256}, False,
+        info = BlobInfo(sha256, os.stat(path).st_size, store.digests_of(path), False,
                         store.blob_relpath(sha256))
         if pin:
             store.pin(sha256, retain_until)
@@ -3482,6 +3502,8 @@ def load_config(argv=None, environ=None):
                 raise ConfigError("%s: %s holds no token" % (file_dest, values[file_dest]))
     if bool(values["certfile"]) != bool(values["keyfile"]):
         raise ConfigError("--certfile and --keyfile go together")
+    if values["checksum_type"] not in values["digests"]:  # the seed's key needs it
+        values["digests"] = values["digests"] + (values["checksum_type"],)
     values["replicate"] = load_replicate_templates(environ)
     config = Config(**values)
     config.verify = args.verify
