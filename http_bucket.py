@@ -270,8 +270,11 @@ def split_url_path(raw, what="path"):
     if len(raw) > MAX_PATH_BYTES:
         raise BadRequest("%s longer than %d bytes" % (what, MAX_PATH_BYTES))
     segments = []
-    for piece in raw.split("/"):
+    pieces = raw.split("/")
+    for position, piece in enumerate(pieces):
         if piece == "":
+            if position < len(pieces) - 1:  # only a trailing slash may be empty
+                raise BadRequest("%s has an empty segment (an absolute path or '//')" % what)
             continue
         try:
             segment = urllib.parse.unquote(piece, errors="strict")
@@ -1455,6 +1458,17 @@ class Store:
         else:
             self.expiries.pop(relpath, None)
 
+    def check_name_target(self, dest):
+        """Raise Conflict when ``dest`` cannot become a file name: it is a
+        directory, or a file stands where one of its directories would."""
+        probe = os.path.dirname(dest)
+        while len(probe) > len(self.root):
+            if os.path.lexists(probe) and not os.path.isdir(probe):
+                raise Conflict("a file is in the way of directory %s" % self.relpath(probe))
+            probe = os.path.dirname(probe)
+        if os.path.isdir(dest) and not os.path.islink(dest):
+            raise Conflict("%s is a directory" % self.relpath(dest))
+
     def link_name(self, source, dest, exclusive=False):
         """Make ``dest`` a hardlink of ``source`` (a blob or staged file).
 
@@ -1862,12 +1876,26 @@ class TreeBuilder:
         if path is not None:
             self.members[path] = ("hardlink" if hard else "symlink", resolved if hard else target)
 
+    def _drop_escaping_symlinks(self):
+        """Skip symlinks that leave the tree once other symlinks are followed."""
+        changed = True
+        while changed:
+            changed = False
+            for path, member in list(self.members.items()):
+                if isinstance(member, tuple) and member[0] == "symlink" and \
+                        _resolve_in_tree(self.members, path, member[1]) is None:
+                    del self.members[path]
+                    self.skip(path, "symlink to %r leads outside the archive through "
+                                    "other links" % member[1])
+                    changed = True
+
     def publish(self, key):
         """Link members into the store and the tree; move it to explode/.
 
         Returns (relpath of the tree, list of member dicts).
         """
         store = self.store
+        self._drop_escaping_symlinks()
         if store.config.fsync:
             os.sync()  # one flush for all members (per-file fsync: 10k x 1 ms)
         for directory in sorted(self.directories):
@@ -1911,6 +1939,32 @@ class TreeBuilder:
             if isinstance(member, StagedBlob):
                 member.discard()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _resolve_in_tree(members, path, target, depth=0):
+    """Segments ``path -> target`` resolves to inside the tree, or None.
+
+    Follows symlink members on the way (``a/s -> .`` makes ``a/s/s/..``
+    shallower than it reads), at most 16 deep, like the kernel's limit.
+    """
+    stack = path.split("/")[:-1]
+    for segment in target.replace("\\", "/").split("/"):
+        if segment in ("", "."):
+            continue
+        if segment == "..":
+            if not stack:
+                return None
+            stack.pop()
+            continue
+        stack.append(segment)
+        member = members.get("/".join(stack))
+        if isinstance(member, tuple) and member[0] == "symlink":
+            if depth >= 16:
+                return None
+            stack = _resolve_in_tree(members, "/".join(stack), member[1], depth + 1)
+            if stack is None:
+                return None
+    return stack
 
 
 def _resolves_inside(directory, target):
@@ -1971,7 +2025,7 @@ def expand_tar(builder, path):
                     builder.add_link(member.name, member.linkname, hard=member.islnk())
                 else:
                     builder.budget.add_member()
-                    kind = "device" if member.isdev() else "FIFO" if member.isfifo() else "special file"
+                    kind = "FIFO" if member.isfifo() else "device" if member.isdev() else "special file"
                     builder.skip(member.name, "%s, not extracted" % kind)
     except (tarfile.TarError, EOFError, zlib.error, ValueError) as exc:
         raise ExpansionStopped("corrupt tar: %s" % exc)
@@ -2661,6 +2715,7 @@ class Handler(BaseHTTPRequestHandler):
         exclusive = self.headers.get("if-none-match", "").strip() == "*"
         if exclusive and os.path.lexists(dest):
             raise PreconditionFailed("files/%s exists (If-None-Match: *)" % "/".join(segments))
+        self.server.store.check_name_target(dest)  # refused before the body is read
         result = self.receive_raw(segments[-1])
         self.finish_upload(result, pin=False, names=[(dest, exclusive)])
 
@@ -2668,6 +2723,7 @@ class Handler(BaseHTTPRequestHandler):
         segments = split_url_path(self.rest, "directory path")
         result = self.receive_multipart()
         base = os.path.join(self.server.store.root, "files", *segments)
+        self.server.store.check_name_target(os.path.join(base, "_"))
         exclusive = self.headers.get("if-none-match", "").strip() == "*"
         names = [(os.path.join(base, staged.filename), exclusive) for staged in result["staged"]]
         self.finish_upload(result, pin=False, names=names)
@@ -2810,20 +2866,25 @@ class Handler(BaseHTTPRequestHandler):
     def describe_upload(self, info, filename, head, staged_path, name_target, retain_until):
         store = self.server.store
         entry = describe_blob(info, filename, head, self.server.url)
-        entry.update(Expander(store, self.server.url).expand(info, head, filename))
         if name_target is not None:
             dest, exclusive = name_target
             source = staged_path if info.new else store.blob_path(info.sha256)
             if not os.path.exists(source):
                 source = staged_path
-            previous = store.link_name(source, dest, exclusive)
+            try:
+                previous = store.link_name(source, dest, exclusive)
+            except BucketError:
+                if info.new:
+                    store.release(info.sha256)  # a refused upload keeps nothing
+                raise
             relpath = store.relpath(dest)
             store.set_expiry(relpath, retain_until)
             if previous and previous != info.sha256:
                 store.release(previous)
             entry["name_path"] = relpath
             entry["url_name"] = self.server.url(relpath)
-        else:
+        entry.update(Expander(store, self.server.url).expand(info, head, filename))
+        if name_target is None:
             tree = entry["extracted"]["path"] if entry["extracted"] else None
             replicas, skipped = make_replicas(
                 store, self.server.config.replicate, self.headers, filename,

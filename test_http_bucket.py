@@ -464,7 +464,12 @@ class SplitUrlPathTest(unittest.TestCase):
     def test_segments_are_decoded(self):
         self.assertEqual(http_bucket.split_url_path("a/b%20c/d.txt"), ["a", "b c", "d.txt"])
         self.assertEqual(http_bucket.split_url_path("%E2%82%AC.txt"), ["\u20ac.txt"])
-        self.assertEqual(http_bucket.split_url_path("a//b/"), ["a", "b"])
+        self.assertEqual(http_bucket.split_url_path("a/b/"), ["a", "b"])
+        # An empty segment is an absolute path or '//': refused (issue 4).
+        for raw in ("a//b/", "/a", "//"):
+            with self.assertRaises(http_bucket.BadRequest, msg=raw) as caught:
+                http_bucket.split_url_path(raw)
+            self.assertIn("empty segment", caught.exception.message)
 
     def test_traversal_is_refused(self):
         for raw in ("..", "a/../b", "%2e%2e", "%2E%2E/x", "a/%2e%2e/b", ".%2e", "a%2Fb",
