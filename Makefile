@@ -1,0 +1,44 @@
+# http_bucket: everyday commands.  Only `run` and `check-isolated` need
+# nothing but CPython; `test` needs requirements-test.txt installed.
+
+PYTHON ?= python3
+ARGS ?=
+
+.PHONY: run test bench bench-quick lint docker check-isolated ci
+
+run:
+	$(PYTHON) http_bucket.py $(ARGS)
+
+# The README's test command.
+test:
+	$(PYTHON) -m pytest -q
+
+bench:
+	$(PYTHON) bench_http_bucket.py
+
+bench-quick:
+	$(PYTHON) bench_http_bucket.py --quick
+
+# Optional tool: ruff if installed, else pyflakes, else a note (exit 0).
+lint:
+	@if command -v ruff >/dev/null 2>&1; then \
+		echo "ruff check ."; ruff check .; \
+	elif $(PYTHON) -m ruff --version >/dev/null 2>&1; then \
+		echo "$(PYTHON) -m ruff check ."; $(PYTHON) -m ruff check .; \
+	elif $(PYTHON) -m pyflakes --version >/dev/null 2>&1; then \
+		echo "$(PYTHON) -m pyflakes *.py"; $(PYTHON) -m pyflakes *.py; \
+	else \
+		echo "lint: neither ruff nor pyflakes is installed (optional: $(PYTHON) -m pip install ruff); skipped"; \
+	fi
+
+docker:
+	docker build -t http-bucket .
+
+# Proof of zero dependencies: starts with no site-packages and no user paths.
+check-isolated:
+	$(PYTHON) -I -S http_bucket.py --help >/dev/null
+	@echo "check-isolated: $(PYTHON) -I -S http_bucket.py --help: ok"
+
+# What CI runs: the test command on every CPython 3.9-3.13 found.
+ci:
+	bash .ci/run
