@@ -79,7 +79,8 @@ if not os.environ.get("HTTP_BUCKET_NO_MAGIC"):
         HAVE_MAGIC = False
 
 # ===========================================================================
-# Limits and defaults (every one is also a setting, see SETTINGS below)
+# Limits and defaults.  These protocol limits are fixed, each with its
+# reason; the limits an operator tunes are settings (SETTINGS, below).
 # ===========================================================================
 
 CHUNK_SIZE = 1024 * 1024            # bytes per read of a body: 1 MiB keeps
@@ -99,7 +100,9 @@ MAX_NAME_BYTES = 255                # one path segment (NAME_MAX on Linux)
 MAX_PATH_BYTES = 4096               # a whole relative path (PATH_MAX)
 MAX_JSON_LIST = 10000               # members listed in a response's
                                     # "extracted.files" (count says all)
-LISTING_PAGE = 1000                 # default entries per JSON listing page
+LISTING_PAGE = 1000                 # rows per HTML listing page (a browser
+                                    # slows past a few thousand); JSON gives
+                                    # all entries unless ?limit= is given
 INDEX_WAIT = 30.0                   # seconds a lookup waits for the startup
                                     # index load before answering
 ESTALE_RETRIES = 5                  # reads retried on ESTALE/ENOENT races
@@ -370,6 +373,13 @@ def _non_negative_float(text):
     return value
 
 
+def _positive_float(text):
+    value = float(text)
+    if not value > 0:
+        raise ValueError("must be a number > 0")
+    return value
+
+
 def _size_or_zero(text):
     return parse_size(text)
 
@@ -444,7 +454,7 @@ SETTINGS = [
             _non_negative_float, "DAYS", "default retention of uploads and "
             "names; 0 = keep forever", False),
     Setting("sweep_interval", ("--sweep-interval",), "BUCKET_SWEEP_INTERVAL", "60",
-            _non_negative_float, "SECONDS", "how often expired names are "
+            _positive_float, "SECONDS", "how often expired names are "
             "removed", False),
     Setting("token", ("--token",), "BUCKET_TOKEN", "", str, "TOKEN",
             "token required to POST, PUT and DELETE", True),
@@ -3071,7 +3081,9 @@ class Handler(BaseHTTPRequestHandler):
         after = self.query.get("after")
         if after:
             names = names[bisect.bisect_right(names, after):]
-        limit_text = self.query.get("limit", "")
+        wants_json = (self.query.get("format") == "json"
+                      or "application/json" in self.headers.get("accept", ""))
+        limit_text = self.query.get("limit", "" if wants_json else str(LISTING_PAGE))
         next_marker = None
         if limit_text:
             if not limit_text.isdigit() or int(limit_text) == 0:
@@ -3080,8 +3092,6 @@ class Handler(BaseHTTPRequestHandler):
             if len(names) > limit:
                 next_marker = names[limit - 1]
             names = names[:limit]
-        wants_json = (self.query.get("format") == "json"
-                      or "application/json" in self.headers.get("accept", ""))
         if not wants_json and not self.url_path.endswith("/"):
             location = self.url_path + "/" + ("?" + urllib.parse.urlsplit(self.path).query
                                               if "?" in self.path else "")
@@ -3679,7 +3689,7 @@ def main(argv=None):
         log("warning: listening beyond loopback without BUCKET_TOKEN: anyone who "
             "reaches this port can write and delete")
     threading.Thread(target=store.load, name="index-load", daemon=True).start()
-    sweeper = Sweeper(store, config.sweep_interval or 60)
+    sweeper = Sweeper(store, config.sweep_interval)
     sweeper.start()
     stopping = threading.Event()
 
