@@ -1,0 +1,1380 @@
+#!/usr/bin/env python3
+"""Benchmark of http_bucket.py (issue 6): the machine's ceilings and the server's figures.
+
+    python3 bench_http_bucket.py              # full run, medians of 3 runs (~5-10 min)
+    python3 bench_http_bucket.py --quick      # smoke run, small sizes, 1 run (< 2 min)
+    python3 bench_http_bucket.py --only upload,head --runs 5 --json out.json
+    python3 bench_http_bucket.py --with-1m    # adds the 1,000,000-blob startup case
+
+Every measurement starts ``http_bucket.py`` as a subprocess on a free port of
+127.0.0.1 over a fresh directory under the system's temporary directory, and
+stops it by its PID.  Sections (``--only`` takes their names or letters):
+
+  a ceilings  hashlib md5+sha256+sha512 in one thread and in three threads,
+              sha256 alone, disk write (write + fsync), loopback TCP, and the
+              file-system work of storing 16 KiB files (create, write, fsync,
+              mkdir, link, fsync dir, unlink) in 8 threads
+  b upload    1 GiB by ``curl -T`` and ``curl -F``; PUT with --digests sha256;
+              PUT with --fsync false (a separate, informative row)
+  c small     2,000 distinct 16 KiB uploads over 8 keep-alive connections
+  d head      HEAD /checksum/<sha256|md5|unknown>, GET /healthz, 16 connections
+  e download  1 GiB GET /checksum/<sha256> by curl
+  f startup   10,000 and 100,000 stored blobs (1,000,000 with --with-1m)
+  g           peak RSS (VmHWM) is taken in b, c and the scaling section
+  s scaling   1, 8 and 64 concurrent 1 MiB uploads
+
+Tools: curl for b and e; wrk (with generated Lua scripts) for c, d and the
+scaling rows when it is installed, else a Python load generator
+(multiprocessing, raw sockets, keep-alive) whose own ceiling against
+GET /healthz is reported.  MB means 10**6 bytes, MiB 2**20.
+
+The table printed at the end has one row per figure: the median of the runs,
+the goal of issue 6, the ratio to the goal (or to the ceiling it is measured
+against) and pass/FAIL.  The JSON file holds every run's values too.
+Standard library only; Python 3.9+.
+"""
+
+import argparse
+import collections
+import hashlib
+import json
+import multiprocessing
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import http.client
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+MB = 1000 * 1000
+
+SECTIONS = ("ceilings", "upload", "small", "head", "download", "startup", "scaling")
+LETTERS = {"a": ("ceilings",), "b": ("upload",), "c": ("small",), "d": ("head",),
+           "e": ("download",), "f": ("startup",), "g": ("upload", "small"),
+           "s": ("scaling",)}
+
+# Sizes of a full run and of a --quick smoke run.
+FULL = dict(hash_bytes=512 * MiB, disk_bytes=1 * GiB, loopback_bytes=1 * GiB,
+            big_bytes=1 * GiB, small_count=2000, small_size=16 * 1024,
+            head_seconds=5, startup_counts=(10000, 100000),
+            scaling_uploads=256, scaling_size=1 * MiB)
+QUICK = dict(hash_bytes=64 * MiB, disk_bytes=128 * MiB, loopback_bytes=256 * MiB,
+             big_bytes=128 * MiB, small_count=400, small_size=16 * 1024,
+             head_seconds=2, startup_counts=(10000,),
+             scaling_uploads=64, scaling_size=1 * MiB)
+
+SERVER_START_TIMEOUT = 30.0   # seconds until /healthz answers
+CURL_TIMEOUT = 300            # seconds for one 1 GiB transfer
+LOAD_TIMEOUT = 120            # seconds for one load-generator run
+RSS_SAMPLE_SECONDS = 0.05     # VmRSS sampling period
+
+
+def log(message):
+    sys.stderr.write("[bench %s] %s\n" % (time.strftime("%H:%M:%S"), message))
+    sys.stderr.flush()
+
+
+# ===========================================================================
+# Figures: every run's value, medians, goals, the table and the JSON
+# ===========================================================================
+
+
+class Figures:
+    """Rows of the final table, in the order they were defined.
+
+    A goal is ("min", value), ("max", value) or ("ceiling", key, factor):
+    at least ``factor`` times the median of row ``key`` of the same run.
+    """
+
+    def __init__(self):
+        self.rows = collections.OrderedDict()
+
+    def define(self, key, figure, unit, goal=None, goal_text="", digits=0):
+        if key not in self.rows:
+            self.rows[key] = {"figure": figure, "unit": unit, "goal": goal,
+                              "goal_text": goal_text, "digits": digits,
+                              "runs": [], "extra": collections.defaultdict(list),
+                              "notes": []}
+        return self.rows[key]
+
+    def add(self, key, value, **extra):
+        row = self.rows[key]
+        row["runs"].append(value)
+        for name, item in extra.items():
+            row["extra"][name].append(item)
+
+    def note(self, key, text):
+        if text not in self.rows[key]["notes"]:
+            self.rows[key]["notes"].append(text)
+
+    def median(self, key):
+        row = self.rows.get(key)
+        values = [value for value in (row["runs"] if row else []) if value is not None]
+        return statistics.median(values) if values else None
+
+    def judge(self, key):
+        """(ratio, passed, goal text) of a row; ratio None when not judged."""
+        row, value = self.rows[key], self.median(key)
+        goal = row["goal"]
+        if goal is None or value is None:
+            return None, None, row["goal_text"] or ""
+        if goal[0] == "ceiling":
+            reference = self.median(goal[1])
+            text = "≥ %g × %s" % (goal[2], self.rows[goal[1]]["figure"]
+                                  if goal[1] in self.rows else goal[1])
+            if reference:
+                text = "≥ %.0f (%g × %.0f)" % (goal[2] * reference, goal[2], reference)
+                ratio = value / reference
+                return ratio, ratio >= goal[2], text
+            return None, None, text
+        kind, target = goal
+        ratio = value / target if target else None
+        text = row["goal_text"] or ("%s %s" % ("≥" if kind == "min" else "≤",
+                                               self.format(target, row)))
+        passed = value >= target if kind == "min" else value <= target
+        return ratio, passed, text
+
+    @staticmethod
+    def format(value, row):
+        if value is None:
+            return "—"
+        return ("%%.%df" % row["digits"]) % value
+
+    def table(self):
+        lines = [("figure", "median", "goal", "ratio / pass", "runs; notes")]
+        for key, row in self.rows.items():
+            value = self.median(key)
+            ratio, passed, goal_text = self.judge(key)
+            verdict = ""
+            if passed is not None:
+                verdict = "%.2f %s" % (ratio, "pass" if passed else "FAIL")
+            elif ratio is not None:
+                verdict = "%.2f" % ratio
+            runs = ", ".join(self.format(run, row) for run in row["runs"])
+            notes = "; ".join([runs] + row["notes"]) if len(row["runs"]) > 1 else "; ".join(row["notes"])
+            shown = "%s %s" % (self.format(value, row), row["unit"]) if value is not None else "—"
+            lines.append((row["figure"], shown, goal_text, verdict, notes))
+        widths = [max(len(line[column]) for line in lines) for column in range(4)]
+        out = []
+        for number, line in enumerate(lines):
+            out.append("| " + " | ".join(line[column].ljust(widths[column]) if column != 1
+                                         else line[column].rjust(widths[column])
+                                         for column in range(4)) + " | " + line[4])
+            if number == 0:
+                out.append("|" + "|".join("-" * (width + 2) for width in widths) + "|---")
+        return "\n".join(out)
+
+    def as_json(self):
+        rows = collections.OrderedDict()
+        for key, row in self.rows.items():
+            ratio, passed, goal_text = self.judge(key)
+            rows[key] = {"figure": row["figure"], "unit": row["unit"], "runs": row["runs"],
+                         "median": self.median(key), "goal": goal_text,
+                         "ratio": ratio, "pass": passed, "notes": row["notes"],
+                         "extra": {name: {"runs": values, "median": _median_or_none(values)}
+                                   for name, values in row["extra"].items()}}
+        return rows
+
+
+def _median_or_none(values):
+    numbers = [value for value in values if isinstance(value, (int, float))]
+    return statistics.median(numbers) if numbers else None
+
+
+# ===========================================================================
+# The server under test: start on a free port, wait, sample memory, stop
+# ===========================================================================
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def cpu_seconds(pid):
+    """User + system CPU seconds the process has used so far (0 if gone)."""
+    try:
+        with open("/proc/%d/stat" % pid) as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def proc_status(pid):
+    """{field: kB} of /proc/<pid>/status for VmRSS and VmHWM (empty if gone)."""
+    fields = {}
+    try:
+        with open("/proc/%d/status" % pid) as handle:
+            for line in handle:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    name, value = line.split(":", 1)
+                    fields[name] = int(value.split()[0])
+    except (OSError, ValueError):
+        pass
+    return fields
+
+
+class Server:
+    """One http_bucket.py subprocess; ``stop`` ends it by PID (TERM, then KILL)."""
+
+    def __init__(self, script, directory, extra_args=(), workdir=None):
+        self.script = script
+        self.directory = directory
+        self.port = free_port()
+        self.url = "http://127.0.0.1:%d" % self.port
+        self.log_path = os.path.join(workdir or directory, "server-%d.log" % self.port)
+        self.log_file = open(self.log_path, "wb")
+        command = [sys.executable, script, str(self.port), "-b", "127.0.0.1",
+                   "-d", directory] + list(extra_args)
+        self.started = time.monotonic()
+        self.process = subprocess.Popen(command, stdout=self.log_file, stderr=self.log_file,
+                                        stdin=subprocess.DEVNULL)
+        self.pid = self.process.pid
+        self.peak_sampled_kb = 0
+        self._sampler = None
+        self._sampling = threading.Event()
+
+    def healthz(self, timeout=2.0):
+        """The /healthz JSON, or None when the server does not answer yet."""
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+            try:
+                connection.request("GET", "/healthz")
+                response = connection.getresponse()
+                body = response.read()
+            finally:
+                connection.close()
+        except (OSError, http.client.HTTPException):
+            return None
+        if response.status != 200:
+            return None
+        return json.loads(body.decode())
+
+    def wait_listening(self, timeout=SERVER_START_TIMEOUT, poll=0.01):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError("server exited with %s: %s" % (self.process.returncode,
+                                                                 self.log_tail()))
+            health = self.healthz()
+            if health is not None:
+                return health
+            time.sleep(poll)
+        raise RuntimeError("server did not answer /healthz in %.0f s: %s"
+                           % (timeout, self.log_tail()))
+
+    def wait_ready(self, timeout=SERVER_START_TIMEOUT, poll=0.01):
+        """Seconds from launch until /healthz says index_ready."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            health = self.wait_listening(deadline - time.monotonic(), poll)
+            if health.get("index_ready"):
+                return time.monotonic() - self.started
+            time.sleep(poll)
+        raise RuntimeError("index not ready after %.0f s" % timeout)
+
+    def status(self):
+        return proc_status(self.pid)
+
+    def cpu(self):
+        return cpu_seconds(self.pid)
+
+    def start_sampling(self):
+        """Sample VmRSS every 50 ms (a cross-check of VmHWM)."""
+        self._sampling.set()
+
+        def sample():
+            while self._sampling.is_set():
+                rss = self.status().get("VmRSS", 0)
+                self.peak_sampled_kb = max(self.peak_sampled_kb, rss)
+                time.sleep(RSS_SAMPLE_SECONDS)
+
+        self._sampler = threading.Thread(target=sample, daemon=True)
+        self._sampler.start()
+
+    def stop_sampling(self):
+        self._sampling.clear()
+        if self._sampler:
+            self._sampler.join(1.0)
+
+    def log_text(self):
+        try:
+            with open(self.log_path, "rb") as handle:
+                return handle.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def log_tail(self, lines=5):
+        return " | ".join(self.log_text().strip().splitlines()[-lines:])
+
+    def stop(self):
+        self.stop_sampling()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        self.log_file.close()
+
+
+class Servers:
+    """Every server started, so the end of the run (or Ctrl-C) stops them all."""
+
+    def __init__(self, script, workdir):
+        self.script = script
+        self.workdir = workdir
+        self.live = []
+        self.count = 0
+
+    def fresh_dir(self, label):
+        self.count += 1
+        path = os.path.join(self.workdir, "store-%02d-%s" % (self.count, label))
+        os.makedirs(path)
+        return path
+
+    def start(self, directory=None, extra_args=(), label="store", wait=True):
+        directory = directory or self.fresh_dir(label)
+        server = Server(self.script, directory, extra_args, self.workdir)
+        self.live.append(server)
+        if wait:
+            server.wait_ready()
+        return server
+
+    def stop(self, server, remove_dir=True):
+        server.stop()
+        if server in self.live:
+            self.live.remove(server)
+        if remove_dir:
+            shutil.rmtree(server.directory, ignore_errors=True)
+
+    def stop_all(self):
+        for server in list(self.live):
+            try:
+                self.stop(server, remove_dir=False)
+            except Exception as exc:  # keep stopping the others
+                log("could not stop server %d: %s" % (server.pid, exc))
+
+
+def http_request(server, method, path, body=None, headers=None, timeout=30):
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=timeout)
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+# ===========================================================================
+# a. Machine ceilings
+# ===========================================================================
+
+
+def random_buffers(count, size=MiB):
+    return [os.urandom(size) for _ in range(count)]
+
+
+def hash_rate(buffers, total, algorithms, threaded):
+    """MB/s of hashing ``total`` bytes (cycling ``buffers``) with every algorithm."""
+    rounds = total // len(buffers[0])
+
+    def run(names):
+        digests = [hashlib.new(name) for name in names]
+        for number in range(rounds):
+            data = buffers[number % len(buffers)]
+            for digest in digests:
+                digest.update(data)
+
+    started = time.perf_counter()
+    if threaded:
+        threads = [threading.Thread(target=run, args=([name],)) for name in algorithms]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    else:
+        run(algorithms)
+    return rounds * len(buffers[0]) / (time.perf_counter() - started) / MB
+
+
+def disk_rate(directory, total):
+    """MB/s of writing ``total`` bytes in 1 MiB writes, then fsync."""
+    path = os.path.join(directory, "disk-ceiling.bin")
+    data = os.urandom(MiB)
+    started = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for _ in range(total // MiB):
+            os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    seconds = time.perf_counter() - started
+    os.unlink(path)
+    return total / seconds / MB
+
+
+def loopback_rate(total):
+    """MB/s of sendall(1 MiB) over a TCP connection on 127.0.0.1."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    received = [0, 0.0]
+
+    def receive():
+        connection, _ = listener.accept()
+        buffer = bytearray(MiB)
+        with connection:
+            while received[0] < total:
+                count = connection.recv_into(buffer)
+                if not count:
+                    break
+                received[0] += count
+        received[1] = time.perf_counter()
+
+    receiver = threading.Thread(target=receive, daemon=True)
+    receiver.start()
+    data = os.urandom(MiB)
+    sender = socket.create_connection(listener.getsockname(), timeout=60)
+    started = time.perf_counter()
+    with sender:
+        for _ in range(total // MiB):
+            sender.sendall(data)
+        receiver.join(60)
+    listener.close()
+    return received[0] / (received[1] - started) / MB
+
+
+def small_file_rate(directory, count, size, threads=8):
+    """Files/s of the file-system work one small upload needs, in ``threads``.
+
+    Per file, as the store does it: create a staging file (O_EXCL), write
+    ``size`` bytes, fsync, make blob/ab/cd, link the file there, fsync that
+    directory, unlink the staging name.  No hashing, no HTTP.
+    """
+    root = tempfile.mkdtemp(prefix="small-files-", dir=directory)
+    staging = os.path.join(root, "staging")
+    os.makedirs(staging)
+    data = os.urandom(size)
+
+    def work(first):
+        for number in range(first, count, threads):
+            name = hashlib.sha256(b"%d" % number).hexdigest()
+            staged = os.path.join(staging, "up-%d" % number)
+            fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.write(fd, data)
+            os.fsync(fd)
+            os.close(fd)
+            blob_dir = os.path.join(root, "blob", name[:2], name[2:4])
+            os.makedirs(blob_dir, exist_ok=True)
+            os.link(staged, os.path.join(blob_dir, name))
+            dir_fd = os.open(blob_dir, os.O_RDONLY)
+            os.fsync(dir_fd)
+            os.close(dir_fd)
+            os.unlink(staged)
+
+    workers = [threading.Thread(target=work, args=(first,)) for first in range(threads)]
+    started = time.perf_counter()
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    rate = count / (time.perf_counter() - started)
+    shutil.rmtree(root, ignore_errors=True)
+    return rate
+
+
+def define_ceilings(figures):
+    figures.define("ceiling_3digest_1thread", "ceiling: md5+sha256+sha512, 1 thread", "MB/s")
+    figures.define("ceiling_3digest_threads", "ceiling: md5+sha256+sha512, 3 threads (all cores)",
+                   "MB/s")
+    figures.define("ceiling_sha256", "ceiling: sha256 alone", "MB/s")
+    figures.define("ceiling_disk", "ceiling: disk write + fsync", "MB/s")
+    figures.define("ceiling_loopback", "ceiling: loopback TCP sendall 1 MiB", "MB/s")
+    figures.define("ceiling_small_files", "ceiling: 16 KiB files stored as the store does, "
+                   "no hashing, 8 threads", "files/s")
+
+
+def bench_ceilings(ctx, only_threaded=False):
+    figures, sizes = ctx.figures, ctx.sizes
+    define_ceilings(figures)
+    buffers = random_buffers(16)
+    three = ("md5", "sha256", "sha512")
+    for run in range(ctx.runs):
+        rate = hash_rate(buffers, sizes["hash_bytes"], three, threaded=True)
+        figures.add("ceiling_3digest_threads", rate)
+        log("ceiling 3 digests in threads: %.0f MB/s" % rate)
+        if only_threaded:
+            continue
+        figures.add("ceiling_3digest_1thread", hash_rate(buffers, sizes["hash_bytes"], three, False))
+        figures.add("ceiling_sha256", hash_rate(buffers, sizes["hash_bytes"], ("sha256",), False))
+        figures.add("ceiling_disk", disk_rate(ctx.workdir, sizes["disk_bytes"]))
+        figures.add("ceiling_loopback", loopback_rate(sizes["loopback_bytes"]))
+        figures.add("ceiling_small_files", small_file_rate(ctx.workdir, sizes["small_count"],
+                                                           sizes["small_size"]))
+        log("ceilings run %d: 1 thread %.0f, sha256 %.0f, disk %.0f, loopback %.0f MB/s, "
+            "small files %.0f/s" % (
+                run + 1, figures.rows["ceiling_3digest_1thread"]["runs"][-1],
+                figures.rows["ceiling_sha256"]["runs"][-1], figures.rows["ceiling_disk"]["runs"][-1],
+                figures.rows["ceiling_loopback"]["runs"][-1],
+                figures.rows["ceiling_small_files"]["runs"][-1]))
+    if only_threaded:
+        for key in list(figures.rows):
+            if key.startswith("ceiling_") and not figures.rows[key]["runs"]:
+                del figures.rows[key]
+
+
+# ===========================================================================
+# b, e. Large uploads and downloads with curl
+# ===========================================================================
+
+
+def make_big_file(ctx):
+    """The large upload's content (random after a text line), made once."""
+    if ctx.big_file:
+        return ctx.big_file
+    path = os.path.join(ctx.workdir, "big.bin")
+    digest = hashlib.sha256()
+    log("writing a %d MiB test file" % (ctx.sizes["big_bytes"] // MiB))
+    with open(path, "wb") as handle:
+        head = b"http_bucket benchmark content, not an archive\n"
+        first = head + os.urandom(MiB - len(head))
+        digest.update(first)
+        handle.write(first)
+        for _ in range(ctx.sizes["big_bytes"] // MiB - 1):
+            data = os.urandom(MiB)
+            digest.update(data)
+            handle.write(data)
+    ctx.big_file, ctx.big_sha256 = path, digest.hexdigest()
+    return path
+
+
+def curl(arguments, timeout=CURL_TIMEOUT):
+    """Run curl with -w "code time size"; returns (http code, seconds, output file text)."""
+    command = ["curl", "-sS", "-w", "%{http_code} %{time_total}"] + arguments
+    result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            timeout=timeout)
+    if result.returncode != 0:
+        raise RuntimeError("curl failed (%d): %s" % (result.returncode,
+                                                     result.stderr.decode()[-300:]))
+    code, seconds = result.stdout.decode().split()[-2:]
+    return int(code), float(seconds)
+
+
+UPLOAD_VARIANTS = [
+    # key, figure, curl mode, server flags, goal
+    ("upload_put", "1 GiB upload, curl -T (PUT)", "put", [],
+     ("ceiling", "ceiling_3digest_threads", 0.9)),
+    ("upload_multipart", "1 GiB upload, curl -F (multipart)", "multipart", [],
+     ("ceiling", "ceiling_3digest_threads", 0.9)),
+    ("upload_put_sha256", "1 GiB upload, curl -T, --digests sha256", "put",
+     ["--digests", "sha256"], ("min", 600)),
+    ("upload_put_nofsync", "1 GiB upload, curl -T, --fsync false (informative)", "put",
+     ["--fsync", "false"], None),
+]
+
+
+def upload_once(ctx, server, mode):
+    """One curl upload of the big file: (MB/s, response JSON)."""
+    size = ctx.sizes["big_bytes"]
+    response_path = os.path.join(ctx.workdir, "curl-response.json")
+    if mode == "put":
+        arguments = ["-o", response_path, "-T", ctx.big_file, server.url + "/upload/big.bin"]
+    else:
+        arguments = ["-o", response_path, "-F", "file=@%s" % ctx.big_file, server.url + "/upload"]
+    code, seconds = curl(arguments)
+    with open(response_path, "rb") as handle:
+        answer = json.loads(handle.read().decode() or "{}")
+    os.unlink(response_path)
+    if code not in (200, 201):
+        raise RuntimeError("upload answered %d: %s" % (code, answer))
+    stored = answer["files"][0]["checksums"]["sha256"]
+    if stored != ctx.big_sha256:
+        raise RuntimeError("server stored sha256 %s, file has %s" % (stored, ctx.big_sha256))
+    return size / seconds / MB, answer
+
+
+def bench_upload(ctx):
+    figures = ctx.figures
+    if "ceiling_3digest_threads" not in figures.rows:
+        log("measuring the 3-digest ceiling the upload goals refer to")
+        bench_ceilings(ctx, only_threaded=True)
+    make_big_file(ctx)
+    label = "%d MiB" % (ctx.sizes["big_bytes"] // MiB)
+    for key, figure, mode, flags, goal in UPLOAD_VARIANTS:
+        figures.define(key, figure.replace("1 GiB", label), "MB/s", goal)
+        rss_key = "rss_" + key
+        rss_goal = ("max", 64) if not flags else None
+        figures.define(rss_key, "peak RSS during " + figure.replace("1 GiB", label), "MiB",
+                       rss_goal, digits=1)
+        if not flags:
+            figures.note(rss_key, "VmHWM of a server started for this upload alone")
+    for run in range(ctx.runs):
+        for key, figure, mode, flags, goal in UPLOAD_VARIANTS:
+            server = ctx.servers.start(extra_args=flags, label=key)
+            try:
+                base_kb = server.status().get("VmRSS", 0)
+                cpu_before = server.cpu()
+                server.start_sampling()
+                rate, _ = upload_once(ctx, server, mode)
+                server.stop_sampling()
+                cpu = server.cpu() - cpu_before
+                hwm_kb = server.status().get("VmHWM", 0)
+            finally:
+                ctx.servers.stop(server)
+            figures.add(key, rate, server_cpu_s=cpu)
+            figures.add("rss_" + key, hwm_kb / 1024.0, idle_mib=base_kb / 1024.0,
+                        sampled_peak_mib=server.peak_sampled_kb / 1024.0)
+            log("run %d %s: %.0f MB/s, server CPU %.1f s, peak RSS %.1f MiB (idle %.1f)"
+                % (run + 1, key, rate, cpu, hwm_kb / 1024.0, base_kb / 1024.0))
+    disk = figures.median("ceiling_disk")
+    for key, figure, mode, flags, goal in UPLOAD_VARIANTS:
+        row = figures.rows[key]
+        cpu = _median_or_none(row["extra"]["server_cpu_s"])
+        if cpu is not None:
+            figures.note(key, "server CPU %.1f s" % cpu)
+        if disk and figures.median(key) and "--fsync" not in flags:
+            figures.note(key, "%.2f × disk write+fsync ceiling" % (figures.median(key) / disk))
+
+
+def bench_download(ctx):
+    figures = ctx.figures
+    make_big_file(ctx)
+    label = "%d MiB" % (ctx.sizes["big_bytes"] // MiB)
+    figures.define("download", "%s download, GET /checksum/<sha256>, curl" % label, "MB/s",
+                   ("min", 1000))
+    server = ctx.servers.start(label="download")
+    try:
+        upload_once(ctx, server, "put")
+        for run in range(ctx.runs):
+            code, seconds = curl(["-o", os.devnull, server.url + "/checksum/" + ctx.big_sha256])
+            if code != 200:
+                raise RuntimeError("download answered %d" % code)
+            rate = ctx.sizes["big_bytes"] / seconds / MB
+            figures.add("download", rate)
+            log("run %d download: %.0f MB/s" % (run + 1, rate))
+    finally:
+        ctx.servers.stop(server)
+
+
+# ===========================================================================
+# Load generators: wrk with generated Lua scripts, or Python processes
+# ===========================================================================
+
+MULTIPART_BOUNDARY = "bench-boundary-3f9a1c"
+
+# Uploads, each with a distinct body, until this thread's quota is answered;
+# then the thread stops itself and says so on stdout (wrk's own rate counts
+# its whole -d duration, so the bench times the quota from outside).
+# Sends are counted in delay(), which wrk calls before each request it sends:
+# request() is also called once on thread 0 by wrk's script check, unsent.
+WRK_UPLOAD_LUA = r"""
+local setup_count = 0
+function setup(thread)
+  thread:set("tid", setup_count)
+  setup_count = setup_count + 1
+end
+
+local nonce, mode, size, quota = "", "put", 0, 0
+local sent, made, answered, failed = 0, 0, 0, 0
+local pad = ""
+local boundary = "%(boundary)s"
+
+function init(args)
+  nonce, mode, size = args[1], args[2], tonumber(args[3])
+  local total, threads = tonumber(args[4]), tonumber(args[5])
+  quota = math.floor(total / threads)
+  if tid < total %% threads then quota = quota + 1 end
+  pad = string.rep("x", size)
+  io.write("START " .. tid .. "\n")
+  io.flush()
+end
+
+function delay()
+  if sent >= quota then return 600000 end  -- this connection is done
+  sent = sent + 1
+  return 0
+end
+
+function request()
+  made = made + 1
+  local tag = string.format("%%s thread %%d upload %%d\n", nonce, tid, made)
+  local content = tag .. string.sub(pad, #tag + 1)
+  local name = string.format("b%%d-%%d.bin", tid, made)
+  if mode == "put" then
+    return wrk.format("PUT", "/upload/" .. name, nil, content)
+  end
+  local body = "--" .. boundary .. "\r\n" ..
+    "Content-Disposition: form-data; name=\"file\"; filename=\"" .. name .. "\"\r\n" ..
+    "Content-Type: application/octet-stream\r\n\r\n" .. content ..
+    "\r\n--" .. boundary .. "--\r\n"
+  return wrk.format("POST", "/upload",
+    {["Content-Type"] = "multipart/form-data; boundary=" .. boundary}, body)
+end
+
+function response(status, headers, body)
+  answered = answered + 1
+  if status ~= 201 and status ~= 200 then failed = failed + 1 end
+  if answered == quota then
+    io.write(string.format("DONE %%d %%d %%d\n", tid, answered, failed))
+    io.flush()
+    wrk.thread:stop()
+  end
+end
+""" % {"boundary": MULTIPART_BOUNDARY}
+
+
+def have_wrk():
+    return shutil.which("wrk") is not None
+
+
+def wrk_uploads(ctx, server, mode, total, size, connections, threads):
+    """Time ``total`` distinct uploads by wrk: (uploads/s, failed count)."""
+    script = os.path.join(ctx.workdir, "upload.lua")
+    with open(script, "w") as handle:
+        handle.write(WRK_UPLOAD_LUA)
+    nonce = "bench-%s-%d" % (os.urandom(6).hex(), ctx.next_nonce())
+    command = ["wrk", "-t%d" % threads, "-c%d" % connections, "-d%ds" % LOAD_TIMEOUT,
+               "--timeout", "60s", "-s", script, server.url + "/",
+               "--", nonce, mode, str(size), str(total), str(threads)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               stdin=subprocess.DEVNULL)
+    events, other_output = [], []
+    first_start = [None]
+    finished = threading.Event()
+
+    def read_lines():
+        for raw in process.stdout:
+            line = raw.decode("utf-8", "replace")
+            now = time.monotonic()
+            if line.startswith("START") and first_start[0] is None:
+                first_start[0] = now
+            elif line.startswith("DONE"):
+                events.append((now, line.split()))
+                if len(events) == threads:
+                    finished.set()
+            else:
+                other_output.append(line)
+        finished.set()
+
+    reader = threading.Thread(target=read_lines, daemon=True)
+    reader.start()
+    finished.wait(LOAD_TIMEOUT + 10)
+    ended = time.monotonic()
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)  # ends wrk's sleep; it prints and exits
+    try:
+        process.wait(15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(5)
+    reader.join(5)
+    answered = sum(int(fields[2]) for _, fields in events)
+    failed = sum(int(fields[3]) for _, fields in events)
+    if len(events) < threads or first_start[0] is None:
+        raise RuntimeError("wrk did not finish its %d uploads (%d answered): %s"
+                           % (total, answered, "".join(other_output)[-500:]))
+    end = max(when for when, _ in events) if events else ended
+    return answered / (end - first_start[0]), failed
+
+
+WRK_METHOD_LUA = 'wrk.method = "%s"\n'
+
+
+def wrk_duration(ctx, server, method, path, connections, threads, seconds):
+    """wrk for ``seconds``: (requests/s, non-2xx count, socket errors text)."""
+    script = os.path.join(ctx.workdir, "method-%s.lua" % method.lower())
+    with open(script, "w") as handle:
+        handle.write(WRK_METHOD_LUA % method)
+    command = ["wrk", "-t%d" % threads, "-c%d" % connections, "-d%ds" % seconds,
+               "-s", script, server.url + path]
+    result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            timeout=seconds + 60)
+    output = result.stdout.decode("utf-8", "replace")
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", output)
+    if not rate:
+        raise RuntimeError("no rate in wrk output: %s" % output[-500:])
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
+    errors = re.search(r"Socket errors:([^\n]*)", output)
+    return (float(rate.group(1)), int(non2xx.group(1)) if non2xx else 0,
+            errors.group(1).strip() if errors else "")
+
+
+# -- the Python load generator (used when wrk is not installed) -------------
+
+
+def build_request(spec, connection_id, number):
+    """The bytes of one request of a load ``spec`` (see py_load)."""
+    kind = spec["kind"]
+    if kind in ("put", "multipart"):
+        tag = ("%s conn %d upload %d\n" % (spec["nonce"], connection_id, number)).encode()
+        content = tag + b"x" * (spec["size"] - len(tag))
+        name = "b%d-%d.bin" % (connection_id, number)
+        if kind == "put":
+            head = "PUT /upload/%s HTTP/1.1\r\nHost: bench\r\nContent-Length: %d\r\n\r\n" % (
+                name, len(content))
+            return head.encode() + content
+        body = (("--%s\r\nContent-Disposition: form-data; name=\"file\"; filename=\"%s\"\r\n"
+                 "Content-Type: application/octet-stream\r\n\r\n" % (MULTIPART_BOUNDARY, name))
+                .encode() + content + ("\r\n--%s--\r\n" % MULTIPART_BOUNDARY).encode())
+        head = ("POST /upload HTTP/1.1\r\nHost: bench\r\nContent-Type: multipart/form-data; "
+                "boundary=%s\r\nContent-Length: %d\r\n\r\n" % (MULTIPART_BOUNDARY, len(body)))
+        return head.encode() + body
+    return ("%s %s HTTP/1.1\r\nHost: bench\r\n\r\n" % (kind, spec["path"])).encode()
+
+
+def read_response(sock, buffer, head_request):
+    """Read one response from ``sock``; returns (status, leftover bytes)."""
+    while True:
+        end = buffer.find(b"\r\n\r\n")
+        if end >= 0:
+            break
+        data = sock.recv(65536)
+        if not data:
+            raise ConnectionError("server closed the connection")
+        buffer += data
+    head = bytes(buffer[:end]).decode("latin-1")
+    status = int(head[9:12])
+    length = 0
+    if not head_request:
+        match = re.search(r"\r\ncontent-length:\s*(\d+)", head, re.IGNORECASE)
+        length = int(match.group(1)) if match else 0
+    rest = buffer[end + 4:]
+    while len(rest) < length:
+        data = sock.recv(max(65536, length - len(rest)))
+        if not data:
+            raise ConnectionError("server closed the connection")
+        rest += data
+    return status, rest[length:]
+
+
+def _py_connection(port, spec, connection_id, quota, ready, start, results):
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    ready.release()
+    start.wait()
+    deadline = time.monotonic() + spec["seconds"] if spec.get("seconds") else None
+    done = failed = 0
+    buffer = bytearray()
+    try:
+        while (done < quota) if deadline is None else (time.monotonic() < deadline):
+            sock.sendall(build_request(spec, connection_id, done + 1))
+            status, buffer = read_response(sock, buffer, spec["kind"] == "HEAD")
+            done += 1
+            if status >= 300 and status != spec.get("expect"):
+                failed += 1
+    except OSError:
+        failed += 1
+    finally:
+        sock.close()
+    results.append((done, failed, time.monotonic()))
+
+
+def _py_process(port, spec, connection_ids, quotas, ready_queue, start_event, result_queue):
+    import threading as _threading  # noqa: a fresh interpreter state after fork
+    ready = _threading.Semaphore(0)
+    start = _threading.Event()
+    results = []
+    threads = [_threading.Thread(target=_py_connection,
+                                 args=(port, spec, cid, quota, ready, start, results))
+               for cid, quota in zip(connection_ids, quotas)]
+    for thread in threads:
+        thread.start()
+    for _ in threads:
+        ready.acquire()
+    ready_queue.put(len(threads))
+    start_event.wait()
+    start.set()
+    for thread in threads:
+        thread.join()
+    result_queue.put(results)
+
+
+def py_load(port, spec, connections, total=None, seconds=None):
+    """Run the Python generator: (requests/s, failed count).
+
+    ``spec``: {"kind": "put"|"multipart"|"GET"|"HEAD", "path", "size", "nonce",
+    "expect": a non-2xx status that is not an error}.  Either ``total``
+    requests split over the connections, or ``seconds`` of load.
+    """
+    spec = dict(spec, seconds=seconds)
+    context = multiprocessing.get_context("fork")
+    # One process per connection: threads sharing a client's GIL measured
+    # 372 uploads/s where 8 processes reached 876 (16 KiB PUT, 8 connections).
+    processes = min(connections, 64)
+    ids = list(range(connections))
+    quotas = [(total // connections + (1 if cid < total % connections else 0)) if total else 0
+              for cid in ids]
+    ready_queue, result_queue = context.Queue(), context.Queue()
+    start_event = context.Event()
+    workers = [context.Process(target=_py_process, daemon=True,
+                               args=(port, spec, ids[number::processes], quotas[number::processes],
+                                     ready_queue, start_event, result_queue))
+               for number in range(processes)]
+    for worker in workers:
+        worker.start()
+    for _ in workers:
+        ready_queue.get(timeout=30)
+    started = time.monotonic()
+    start_event.set()
+    outcomes = []
+    for _ in workers:
+        outcomes.extend(result_queue.get(timeout=LOAD_TIMEOUT))
+    for worker in workers:
+        worker.join(10)
+    done = sum(outcome[0] for outcome in outcomes)
+    failed = sum(outcome[1] for outcome in outcomes)
+    ended = max(outcome[2] for outcome in outcomes)
+    return done / (ended - started), failed
+
+
+def load_uploads(ctx, server, mode, total, size, connections):
+    """uploads/s of ``total`` distinct uploads: (rate, failed)."""
+    if ctx.client == "wrk":
+        return wrk_uploads(ctx, server, mode, total, size, connections,
+                           threads=min(2, connections))
+    spec = {"kind": mode, "size": size, "nonce": "bench-%s-%d" % (os.urandom(6).hex(),
+                                                                   ctx.next_nonce())}
+    return py_load(server.port, spec, connections, total=total)
+
+
+def load_requests(ctx, server, method, path, connections, seconds, expect=None):
+    """requests/s of ``method path`` for ``seconds``: (rate, unexpected count)."""
+    if ctx.client == "wrk":
+        rate, non2xx, errors = wrk_duration(ctx, server, method, path, connections,
+                                            min(2, connections), seconds)
+        return rate, (0 if expect else non2xx), errors
+    rate, failed = py_load(server.port, {"kind": method, "path": path, "expect": expect},
+                           connections, seconds=seconds)
+    return rate, failed, ""
+
+
+# ===========================================================================
+# c. Small uploads; scaling of concurrent uploads
+# ===========================================================================
+
+
+def bench_small(ctx):
+    figures, sizes = ctx.figures, ctx.sizes
+    count, size = sizes["small_count"], sizes["small_size"]
+    for mode, title in (("put", "PUT"), ("multipart", "multipart")):
+        key = "small_" + mode
+        figures.define(key, "%d distinct %d KiB uploads, %s, 8 connections"
+                       % (count, size // 1024, title), "uploads/s", ("min", 1600))
+        figures.define("rss_" + key, "peak RSS during the %s small uploads" % title, "MiB",
+                       digits=1)
+    for run in range(ctx.runs):
+        for mode in ("put", "multipart"):
+            key = "small_" + mode
+            server = ctx.servers.start(label=key)
+            try:
+                cpu_before = server.cpu()
+                rate, failed = load_uploads(ctx, server, mode, count, size, 8)
+                cpu_us = (server.cpu() - cpu_before) / count * 1e6
+                health = server.healthz()
+                hwm_kb = server.status().get("VmHWM", 0)
+            finally:
+                ctx.servers.stop(server)
+            figures.add(key, rate, failed=failed, blobs_after=health and health.get("blobs"),
+                        server_cpu_us_per_upload=cpu_us)
+            figures.add("rss_" + key, hwm_kb / 1024.0)
+            if failed:
+                figures.note(key, "%d uploads failed" % failed)
+            if health and health.get("blobs") is not None and health["blobs"] < count:
+                figures.note(key, "only %d blobs stored" % health["blobs"])
+            log("run %d %s: %.0f uploads/s (%d failed, %s blobs), server CPU %.0f us/upload, "
+                "peak RSS %.1f MiB" % (run + 1, key, rate, failed, health and health.get("blobs"),
+                                       cpu_us, hwm_kb / 1024.0))
+    ceiling = figures.median("ceiling_small_files")
+    for mode in ("put", "multipart"):
+        cpu = _median_or_none(figures.rows["small_" + mode]["extra"]["server_cpu_us_per_upload"])
+        if cpu is not None:
+            figures.note("small_" + mode, "server CPU %.0f us/upload" % cpu)
+        if ceiling and figures.median("small_" + mode):
+            figures.note("small_" + mode, "%.2f × small-file ceiling"
+                         % (figures.median("small_" + mode) / ceiling))
+
+
+def bench_scaling(ctx):
+    figures, sizes = ctx.figures, ctx.sizes
+    total, size = sizes["scaling_uploads"], sizes["scaling_size"]
+    levels = (1, 8, 64)
+    for level in levels:
+        figures.define("scaling_%d" % level, "%d concurrent %d MiB uploads (PUT), total"
+                       % (level, size // MiB), "MB/s")
+        figures.define("rss_scaling_%d" % level, "peak RSS, %d concurrent 1 MiB uploads" % level,
+                       "MiB", digits=1)
+    for run in range(ctx.runs):
+        for level in levels:
+            key = "scaling_%d" % level
+            server = ctx.servers.start(label=key)
+            try:
+                rate, failed = load_uploads(ctx, server, "put", max(total, level), size, level)
+                hwm_kb = server.status().get("VmHWM", 0)
+            finally:
+                ctx.servers.stop(server)
+            figures.add(key, rate * size / MB, failed=failed)
+            figures.add("rss_" + key, hwm_kb / 1024.0)
+            if failed:
+                figures.note(key, "%d uploads failed" % failed)
+            log("run %d scaling %d: %.0f MB/s (%d failed), peak RSS %.1f MiB"
+                % (run + 1, level, rate * size / MB, failed, hwm_kb / 1024.0))
+    base = figures.median("scaling_1")
+    for level in levels[1:]:
+        value = figures.median("scaling_%d" % level)
+        if base and value:
+            figures.note("scaling_%d" % level, "%.2f × 1 connection" % (value / base))
+
+
+# ===========================================================================
+# d. Lookups
+# ===========================================================================
+
+
+def bench_head(ctx):
+    figures, seconds = ctx.figures, ctx.sizes["head_seconds"]
+    server = ctx.servers.start(label="head")
+    try:
+        status, body = http_request(server, "PUT", "/upload/lookup.txt",
+                                    body=b"http_bucket benchmark lookup target\n")
+        if status not in (200, 201):
+            raise RuntimeError("could not store the lookup target: %d %s" % (status, body[:200]))
+        checksums = json.loads(body.decode())["files"][0]["checksums"]
+        unknown = hashlib.sha256(os.urandom(16)).hexdigest()
+        cases = [("head_sha256", "HEAD /checksum/<sha256>, 16 connections", "HEAD",
+                  "/checksum/" + checksums["sha256"], None, ("min", 8000)),
+                 ("head_md5", "HEAD /checksum/<md5>, 16 connections", "HEAD",
+                  "/checksum/" + checksums["md5"], None, ("min", 8000)),
+                 ("head_miss", "HEAD /checksum/<unknown sha256> (404), 16 connections", "HEAD",
+                  "/checksum/" + unknown, 404, ("min", 8000)),
+                 ("get_healthz", "GET /healthz (small GET), 16 connections", "GET",
+                  "/healthz", None, None)]
+        for key, figure, method, path, expect, goal in cases:
+            figures.define(key, figure, "req/s", goal)
+        if ctx.client != "wrk":
+            figures.note("get_healthz", "the Python load generator's ceiling against "
+                                        "the server's cheapest endpoint")
+        for run in range(ctx.runs):
+            for key, figure, method, path, expect, goal in cases:
+                cpu_before = server.cpu()
+                rate, unexpected, errors = load_requests(ctx, server, method, path, 16, seconds,
+                                                         expect)
+                cpu_us = (server.cpu() - cpu_before) / max(1.0, rate * seconds) * 1e6
+                figures.add(key, rate, unexpected=unexpected, server_cpu_us_per_request=cpu_us)
+                if unexpected:
+                    figures.note(key, "%d unexpected statuses" % unexpected)
+                log("run %d %s: %.0f req/s%s" % (run + 1, key, rate,
+                                                 " (%d unexpected)" % unexpected if unexpected else ""))
+        for key, *_ in cases:
+            cpu = _median_or_none(figures.rows[key]["extra"]["server_cpu_us_per_request"])
+            if cpu is not None:
+                figures.note(key, "server CPU %.0f us/request" % cpu)
+    finally:
+        ctx.servers.stop(server)
+
+
+# ===========================================================================
+# f. Startup over many stored blobs
+# ===========================================================================
+
+
+def _generate_part(root, start, stop, journal_name):
+    """Blob files and their journal lines for blobs ``start`` .. ``stop`` - 1."""
+    blob_root = os.path.join(root, "blob")
+    made = set()
+    now = time.time()
+    lines = []
+    for number in range(start, stop):
+        content = b"http_bucket bench blob %d\n" % number
+        sha256 = hashlib.sha256(content).hexdigest()
+        directory = os.path.join(blob_root, sha256[:2], sha256[2:4])
+        if directory not in made:
+            os.makedirs(directory, exist_ok=True)
+            made.add(directory)
+        fd = os.open(os.path.join(directory, sha256), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o444)
+        os.write(fd, content)
+        os.close(fd)
+        # The format Journal.blob writes (algorithms sorted by name).
+        lines.append("B\t%.3f\t%d\tmd5=%s\tsha256=%s\tsha512=%s\n" % (
+            now, len(content), hashlib.md5(content).hexdigest(), sha256,
+            hashlib.sha512(content).hexdigest()))
+        if len(lines) >= 10000:
+            _append(os.path.join(root, "index", journal_name), lines)
+    _append(os.path.join(root, "index", journal_name), lines)
+
+
+def _append(path, lines):
+    with open(path, "a", encoding="ascii") as handle:
+        handle.write("".join(lines))
+    del lines[:]
+
+
+def generate_store(root, count):
+    """A store of ``count`` small distinct blobs with journals, made without HTTP."""
+    for name in ("blob", "index"):
+        os.makedirs(os.path.join(root, name), exist_ok=True)
+    parts = 2 if count >= 50000 else 1
+    context = multiprocessing.get_context("fork")
+    bounds = [count * part // parts for part in range(parts + 1)]
+    workers = [context.Process(target=_generate_part,
+                               args=(root, bounds[part], bounds[part + 1],
+                                     "benchgen-%d-%d.log" % (os.getpid(), part)))
+               for part in range(parts)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(1800)
+        if worker.exitcode != 0:
+            raise RuntimeError("blob generation failed (exit %s)" % worker.exitcode)
+
+
+def remove_tree(path):
+    """rm -rf, two processes over the blob tree (shutil.rmtree took ~3 min for 1M blobs)."""
+    blob_root = os.path.join(path, "blob")
+    try:
+        tops = sorted(os.path.join(blob_root, name) for name in os.listdir(blob_root))
+    except OSError:
+        tops = []
+    removers = [subprocess.Popen(["rm", "-rf"] + tops[half::2]) for half in (0, 1)
+                if tops[half::2]]
+    for remover in removers:
+        remover.wait(1800)
+    subprocess.run(["rm", "-rf", path], timeout=1800)
+    shutil.rmtree(path, ignore_errors=True)  # where rm is missing
+
+
+def foreign_journals(server):
+    """Journals in index/ other than the live server's own (merged away when done)."""
+    marker = "-%d-" % server.pid
+    try:
+        names = os.listdir(os.path.join(server.directory, "index"))
+    except OSError:
+        return []
+    return [name for name in names if name.endswith(".log") and marker not in name]
+
+
+def measure_startup(ctx, directory, count, timeout):
+    """One server start over ``directory``: dict of seconds and RSS."""
+    server = ctx.servers.start(directory=directory, wait=False, label="startup")
+    try:
+        server.wait_listening(timeout, poll=0.005)
+        listening = time.monotonic() - server.started
+        ready = server.wait_ready(timeout, poll=0.005)
+        rss_ready_kb = server.status().get("VmRSS", 0)
+        deadline = time.monotonic() + timeout
+        while foreign_journals(server) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        background = time.monotonic() - server.started if not foreign_journals(server) else None
+        time.sleep(0.3)  # let the background thread's garbage settle
+        status = server.status()
+        health = server.healthz()
+        match = re.search(r"indexed (\d+) blobs in ([\d.]+) s", server.log_text())
+    finally:
+        ctx.servers.stop(server, remove_dir=False)
+    return {"listening": listening, "ready": ready, "background": background,
+            "rss_ready_kb": rss_ready_kb, "rss_kb": status.get("VmRSS", 0),
+            "hwm_kb": status.get("VmHWM", 0), "blobs": health and health.get("blobs"),
+            "server_blobs": int(match.group(1)) if match else None,
+            "server_seconds": float(match.group(2)) if match else None}
+
+
+def bench_startup(ctx):
+    figures = ctx.figures
+    counts = list(ctx.sizes["startup_counts"]) + ([1000000] if ctx.with_1m else [])
+    figures.define("startup_empty", "startup, empty store: launch to index_ready", "s", digits=3)
+    figures.define("rss_empty", "RSS of an empty-store server", "MiB", digits=1)
+    stores = {}
+    for count in counts:
+        label = "%dM" % (count // 1000000) if count >= 1000000 else "%dk" % (count // 1000)
+        figures.define("startup_%d" % count, "startup, %s blobs: index_ready, net of empty start"
+                       % label, "s", ("max", count / 100000.0),
+                       "≤ %.2f s (1 s per 100k)" % (count / 100000.0), digits=3)
+        figures.define("startup_bg_%d" % count, "startup, %s blobs: background scan done" % label,
+                       "s", digits=2)
+        figures.define("bytes_per_blob_%d" % count, "index RSS per blob, %s blobs" % label,
+                       "B/blob", ("max", 300))
+    try:
+        for count in counts:
+            directory = ctx.servers.fresh_dir("startup-%d" % count)
+            started = time.monotonic()
+            generate_store(directory, count)
+            stores[count] = directory
+            log("generated %d blobs in %.1f s" % (count, time.monotonic() - started))
+        for run in range(ctx.runs):
+            empty_dir = ctx.servers.fresh_dir("startup-empty")
+            empty = measure_startup(ctx, empty_dir, 0, SERVER_START_TIMEOUT)
+            shutil.rmtree(empty_dir, ignore_errors=True)
+            figures.add("startup_empty", empty["ready"], listening=empty["listening"])
+            figures.add("rss_empty", empty["rss_kb"] / 1024.0)
+            for count in counts:
+                timeout = max(60.0, count / 1000.0)
+                result = measure_startup(ctx, stores[count], count, timeout)
+                net = result["ready"] - empty["ready"]
+                per_blob = (result["rss_kb"] - empty["rss_kb"]) * 1024.0 / count
+                per_blob_ready = (result["rss_ready_kb"] - empty["rss_kb"]) * 1024.0 / count
+                figures.add("startup_%d" % count, net, raw=result["ready"],
+                            listening=result["listening"], server_says=result["server_seconds"],
+                            blobs=result["blobs"])
+                figures.add("startup_bg_%d" % count, result["background"])
+                figures.add("bytes_per_blob_%d" % count, per_blob,
+                            at_ready=per_blob_ready, rss_mib=result["rss_kb"] / 1024.0)
+                if result["blobs"] != count:
+                    figures.note("startup_%d" % count, "server counted %s blobs" % result["blobs"])
+                log("run %d startup %d: listening %.3f s, ready %.3f s (server says %s s), "
+                    "background done %s s, %.0f B/blob (%.0f at ready)"
+                    % (run + 1, count, result["listening"], result["ready"],
+                       result["server_seconds"], "%.2f" % result["background"]
+                       if result["background"] else "?", per_blob, per_blob_ready))
+        for count in counts:
+            row = figures.rows["startup_%d" % count]
+            figures.note("startup_%d" % count, "raw %.3f s from launch, server says %s s"
+                         % (_median_or_none(row["extra"]["raw"]),
+                            _median_or_none(row["extra"]["server_says"])))
+            row = figures.rows["bytes_per_blob_%d" % count]
+            figures.note("bytes_per_blob_%d" % count, "after background scan; %.0f at index_ready"
+                         % _median_or_none(row["extra"]["at_ready"]))
+    finally:
+        for directory in stores.values():
+            remove_tree(directory)
+
+
+# ===========================================================================
+# Driver
+# ===========================================================================
+
+
+class Context:
+    def __init__(self, args, workdir, servers, figures):
+        self.sizes = QUICK if args.quick else FULL
+        self.runs = args.runs
+        self.workdir = workdir
+        self.servers = servers
+        self.figures = figures
+        self.with_1m = args.with_1m
+        self.client = args.client
+        self.big_file = self.big_sha256 = None
+        self._nonce = 0
+
+    def next_nonce(self):
+        self._nonce += 1
+        return self._nonce
+
+
+def tool_version(command):
+    try:
+        result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                timeout=10)
+        return result.stdout.decode("utf-8", "replace").strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return None
+
+
+def selected_sections(text):
+    if not text:
+        return list(SECTIONS)
+    chosen = []
+    for word in text.split(","):
+        word = word.strip().lower()
+        names = LETTERS.get(word, (word,))
+        for name in names:
+            if name not in SECTIONS:
+                raise SystemExit("--only: unknown section %r (one of %s or letters %s)"
+                                 % (word, ", ".join(SECTIONS), "".join(sorted(LETTERS))))
+            if name not in chosen:
+                chosen.append(name)
+    return [name for name in SECTIONS if name in chosen]
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, 1 run")
+    parser.add_argument("--runs", type=int, default=None,
+                        help="runs per figure (default: 3, or 1 with --quick)")
+    parser.add_argument("--json", default="bench-results.json", help="where to write results")
+    parser.add_argument("--with-1m", action="store_true",
+                        help="add the 1,000,000-blob startup case (minutes, ~1 GB of files)")
+    parser.add_argument("--only", default="", help="sections to run: %s (or letters a-g, s)"
+                        % ",".join(SECTIONS))
+    parser.add_argument("--client", choices=("wrk", "python"), default=None,
+                        help="load generator (default: wrk when installed)")
+    parser.add_argument("--server", default=os.path.join(HERE, "http_bucket.py"),
+                        help="the server script to benchmark (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if args.runs is None:
+        args.runs = 1 if args.quick else 3
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
+    if args.client is None:
+        args.client = "wrk" if have_wrk() else "python"
+    if args.client == "wrk" and not have_wrk():
+        parser.error("wrk is not installed (apt-get install wrk), use --client python")
+    args.sections = selected_sections(args.only)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not shutil.which("curl") and {"upload", "download"} & set(args.sections):
+        raise SystemExit("curl is needed for the upload and download sections")
+    figures = Figures()
+    workdir = tempfile.mkdtemp(prefix="http_bucket_bench-")
+    servers = Servers(os.path.abspath(args.server), workdir)
+    ctx = Context(args, workdir, servers, figures)
+    meta = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv[1:],
+            "quick": args.quick, "runs": args.runs, "sections": args.sections,
+            "python": sys.version.split()[0], "platform": platform.platform(),
+            "cpus": os.cpu_count(), "loadavg_before": os.getloadavg(),
+            "client": args.client, "wrk": tool_version(["wrk", "--version"]) if have_wrk() else None,
+            "curl": tool_version(["curl", "--version"]), "server": args.server,
+            "units": "MB = 10**6 bytes, MiB = 2**20 bytes"}
+    log("sections %s, %d run(s), client %s, work dir %s"
+        % (",".join(args.sections), args.runs, args.client, workdir))
+    started = time.monotonic()
+    failures = {}
+    try:
+        for name in args.sections:
+            section_started = time.monotonic()
+            meta.setdefault("loadavg_at_section", {})[name] = os.getloadavg()
+            try:
+                globals()["bench_" + name](ctx)
+            except KeyboardInterrupt:
+                raise
+            except Exception as exc:
+                failures[name] = "%s: %s" % (type(exc).__name__, exc)
+                log("section %s failed: %s" % (name, failures[name]))
+                servers.stop_all()
+            log("section %s took %.1f s" % (name, time.monotonic() - section_started))
+    finally:
+        servers.stop_all()
+        remove_tree(workdir)
+    meta["seconds"] = round(time.monotonic() - started, 1)
+    meta["loadavg_after"] = os.getloadavg()
+    table = figures.table()
+    print("\nhttp_bucket benchmark (%s, %d run(s), medians; client: %s; %s)"
+          % ("quick" if args.quick else "full", args.runs, args.client, meta["units"]))
+    print(table)
+    for name, text in failures.items():
+        print("section %s FAILED: %s" % (name, text))
+    with open(args.json, "w") as handle:
+        json.dump({"meta": meta, "failures": failures, "figures": figures.as_json(),
+                   "table": table}, handle, indent=1)
+    log("wrote %s in %.0f s" % (args.json, meta["seconds"]))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
