@@ -108,6 +108,9 @@ INDEX_WAIT = 30.0                   # seconds a lookup waits for the startup
 ESTALE_RETRIES = 5                  # reads retried on ESTALE/ENOENT races
                                     # of a shared filesystem (dfs/README.md)
 SHUTDOWN_GRACE = 30.0               # seconds SIGTERM waits for uploads
+MIN_BODY_RATE = 16 * 1024           # bytes/s a body must average over each
+                                    # read (beyond --timeout): a client
+                                    # dripping a byte per second is dropped
 
 DEFAULT_DIGESTS = ("md5", "sha256", "sha512")
 LOOKUP_LENGTHS = {32: "md5", 40: "sha1", 64: "sha256", 128: "sha512"}
@@ -534,8 +537,9 @@ class BodyReader:
     """
 
     def __init__(self, rfile, length=None, chunked=False, limit=0,
-                 before_first_read=None):
+                 before_first_read=None, guard=None):
         self.rfile = rfile
+        self.guard = guard  # (reaper, connection): reads must keep a pace
         self.chunked = chunked
         self.remaining = 0 if chunked else (length or 0)
         self.limit = limit
@@ -572,19 +576,29 @@ class BodyReader:
             pass
 
     def _read_exactly(self, size):
+        if self.guard:
+            self.guard[0].watch(self.guard[1], size / MIN_BODY_RATE)
         try:
             data = self.rfile.read(size)
         except (socket.timeout, ConnectionError, ssl.SSLError, OSError) as exc:
             raise ClientGone("reading the body: %s" % exc)
+        finally:
+            if self.guard:
+                self.guard[0].release(self.guard[1])
         if len(data) < size:
             raise ClientGone("client closed the connection mid-body")
         return data
 
     def _readline(self, limit, what):
+        if self.guard:
+            self.guard[0].watch(self.guard[1], limit / MIN_BODY_RATE)
         try:
             line = self.rfile.readline(limit + 1)
         except (socket.timeout, ConnectionError, ssl.SSLError, OSError) as exc:
             raise ClientGone("reading the body: %s" % exc)
+        finally:
+            if self.guard:
+                self.guard[0].release(self.guard[1])
         if not line:
             raise ClientGone("client closed the connection mid-body")
         if len(line) > limit or not line.endswith(b"\n"):
@@ -2483,6 +2497,8 @@ class Handler(BaseHTTPRequestHandler):
             return
         except BucketError as exc:
             self.request_version = "HTTP/1.1"
+            if not self.command:  # the request line itself was refused
+                self.command, self.path = "-", line[:200].decode("latin-1").strip()
             self.send_error_json(exc)
             self.log_access()
             return
@@ -2692,7 +2708,8 @@ class Handler(BaseHTTPRequestHandler):
         elif not encoding and required:
             raise LengthRequired("send Content-Length or Transfer-Encoding: chunked")
         self.body = BodyReader(self.rfile, length, chunked=bool(encoding), limit=limit,
-                               before_first_read=self.send_continue)
+                               before_first_read=self.send_continue,
+                               guard=(self.server.reaper, self.connection))
         return self.body
 
     # -- simple routes -------------------------------------------------------
@@ -2887,12 +2904,13 @@ class Handler(BaseHTTPRequestHandler):
     def finish_upload(self, result, pin, names=None):
         """Publish staged files, expand, name, replicate; answer JSON."""
         store = self.server.store
-        entries = []
+        entries, published = [], []
         status = 200
         try:
             for position, staged in enumerate(result["staged"]):
                 info = store.publish(staged, pin=pin, retain_until=result["retain_until"])
                 name_target = names[position] if names else None
+                published.append((info, name_target))
                 entry = self.describe_upload(info, staged.filename, staged.head, staged.path,
                                              name_target, result["retain_until"])
                 if info.new or name_target:
@@ -2903,6 +2921,9 @@ class Handler(BaseHTTPRequestHandler):
                 entry = self.describe_deployed(name, sha256, names, result["retain_until"], pin)
                 status = 201 if names else 200
                 entries.append(entry)
+        except InsufficientStorage:
+            self.undo_upload(published, pin)
+            raise
         finally:
             for staged in result["staged"]:
                 staged.discard()
@@ -2912,6 +2933,18 @@ class Handler(BaseHTTPRequestHandler):
         if names and entries and entries[0].get("url_name"):
             headers["Location"] = entries[0]["url_name"]
         self.send_json(status, response, headers)
+
+    def undo_upload(self, published, pin):
+        """The disk filled up mid-request: take back what it stored."""
+        store = self.server.store
+        for info, name_target in published:
+            if name_target is not None and os.path.isfile(name_target[0]):
+                if store.name_sha256(name_target[0]) == info.sha256:
+                    store.remove_name(name_target[0])
+            if info.new:
+                if pin:
+                    store.unpin(info.sha256)
+                store.release(info.sha256)
 
     def describe_upload(self, info, filename, head, staged_path, name_target, retain_until):
         store = self.server.store
@@ -3028,6 +3061,7 @@ class Handler(BaseHTTPRequestHandler):
                 headers["Content-Range"] = "bytes %d-%d/%d" % (start, end - 1, st.st_size)
             self.wfile.write(self.send_head_lines(status, headers))
             if self.command != "HEAD" and end > start:
+                handle.seek(start)  # TLS falls back to send(), which reads from here
                 self.connection.sendfile(handle, start, end - start)
                 self.response_bytes += end - start
         finally:
@@ -3394,7 +3428,8 @@ class Reaper(threading.Thread):
 
     A socket timeout bounds each read, not a whole line: a client sending
     one byte every few seconds (slowloris) would hold its thread for hours.
-    Handlers ``watch`` their connection while reading a request's head and
+    Handlers ``watch`` their connection while reading a request's head, and
+    BodyReader while it reads each piece of a body (MIN_BODY_RATE), and
     ``release`` it after; the reaper shuts down any connection past its
     deadline (idle keep-alive wait included), which ends the blocked read.
     """
@@ -3405,9 +3440,10 @@ class Reaper(threading.Thread):
         self.interval = interval
         self.deadlines = {}
 
-    def watch(self, connection):
+    def watch(self, connection, extra=0.0):
+        """Shut ``connection`` down unless released within timeout + extra s."""
         if self.timeout:
-            self.deadlines[connection] = time.monotonic() + self.timeout
+            self.deadlines[connection] = time.monotonic() + self.timeout + extra
 
     def release(self, connection):
         self.deadlines.pop(connection, None)
@@ -3665,12 +3701,16 @@ def main(argv=None):
     except ConfigError as exc:
         sys.stderr.write("http_bucket: error: %s\n" % exc)
         return 2
-    log_lock = threading.Lock()
-
     def log(message):
-        with log_lock:
-            sys.stderr.write("http_bucket: %s\n" % message)
-            sys.stderr.flush()
+        if config.log_format == "json":
+            line = json.dumps({"time": round(time.time(), 3), "event": "message",
+                               "text": message}, ensure_ascii=False)
+        else:
+            line = "http_bucket: " + message
+        try:
+            os.write(sys.stderr.fileno(), (line + "\n").encode("utf-8", "replace"))
+        except OSError:
+            pass
 
     try:
         store = Store(config, log)
