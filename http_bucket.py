@@ -108,6 +108,9 @@ INDEX_WAIT = 30.0                   # seconds a lookup waits for the startup
 ESTALE_RETRIES = 5                  # reads retried on ESTALE/ENOENT races
                                     # of a shared filesystem (dfs/README.md)
 SHUTDOWN_GRACE = 30.0               # seconds SIGTERM waits for uploads
+ORPHAN_AGE = 600.0                  # seconds before a blob with no name, pin
+                                    # or source, left by a process killed
+                                    # mid-publish, is reclaimed at startup
 MIN_BODY_RATE = 16 * 1024           # bytes/s a body must average over each
                                     # read (beyond --timeout): a client
                                     # dripping a byte per second is dropped
@@ -1317,7 +1320,7 @@ class Store:
         if not dead:
             return
         self.refresh_journals()  # everything in them is applied
-        lines, seen = [], set()
+        lines, seen, orphans = [], set(), []
         for path in dead:
             with open(path, "r", encoding="utf-8", errors="surrogateescape") as handle:
                 for line in handle:
@@ -1325,9 +1328,16 @@ class Store:
                     if parsed is None or parsed[0] != "B":
                         continue
                     sha256 = _field_digest(parsed[2], "sha256")
-                    if sha256 and sha256 not in seen and os.path.exists(self.blob_path(sha256)):
-                        seen.add(sha256)
-                        lines.append(line)
+                    if not sha256 or sha256 in seen:
+                        continue
+                    seen.add(sha256)
+                    try:
+                        st = os.stat(self.blob_path(sha256))
+                    except OSError:
+                        continue  # deleted since
+                    lines.append(line)
+                    if st.st_nlink == 1 and utc_now() - st.st_ctime > ORPHAN_AGE:
+                        orphans.append(sha256)
         now = utc_now()
         lines += ["P\t%.3f\t%s\t%.3f\n" % (now, sha256, until)
                   for sha256, until in list(self.pins.items())]
@@ -1345,6 +1355,10 @@ class Store:
         for path in dead:
             _unlink_quietly(path)
             self.journal_offsets.pop(path, None)
+        reclaimed = sum(self.release(sha256) for sha256 in orphans)
+        if reclaimed:
+            self.log("reclaimed %d blobs left without a name by a process that died "
+                     "mid-upload" % reclaimed)
 
     # -- lookups -------------------------------------------------------------
 
