@@ -543,6 +543,10 @@ def bench_ceilings(ctx, only_threaded=False):
 # ===========================================================================
 
 
+def size_label(count):
+    return "%g GiB" % (count / GiB) if count >= GiB else "%g MiB" % (count / MiB)
+
+
 def make_big_file(ctx):
     """The large upload's content (random after a text line), made once."""
     if ctx.big_file:
@@ -559,8 +563,16 @@ def make_big_file(ctx):
             data = os.urandom(MiB)
             digest.update(data)
             handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())  # its writeback must not land in the first upload
     ctx.big_file, ctx.big_sha256 = path, digest.hexdigest()
     return path
+
+
+def settle():
+    """Flush every dirty page before a timed transfer (a --fsync false run leaves
+    a GiB behind; its writeback was charged to the next upload)."""
+    os.sync()
 
 
 def curl(arguments, timeout=CURL_TIMEOUT):
@@ -614,7 +626,7 @@ def bench_upload(ctx):
         log("measuring the 3-digest ceiling the upload goals refer to")
         bench_ceilings(ctx, only_threaded=True)
     make_big_file(ctx)
-    label = "%d MiB" % (ctx.sizes["big_bytes"] // MiB)
+    label = size_label(ctx.sizes["big_bytes"])
     for key, figure, mode, flags, goal in UPLOAD_VARIANTS:
         figures.define(key, figure.replace("1 GiB", label), "MB/s", goal)
         rss_key = "rss_" + key
@@ -625,6 +637,7 @@ def bench_upload(ctx):
             figures.note(rss_key, "VmHWM of a server started for this upload alone")
     for run in range(ctx.runs):
         for key, figure, mode, flags, goal in UPLOAD_VARIANTS:
+            settle()
             server = ctx.servers.start(extra_args=flags, label=key)
             try:
                 base_kb = server.status().get("VmRSS", 0)
@@ -654,13 +667,14 @@ def bench_upload(ctx):
 def bench_download(ctx):
     figures = ctx.figures
     make_big_file(ctx)
-    label = "%d MiB" % (ctx.sizes["big_bytes"] // MiB)
+    label = size_label(ctx.sizes["big_bytes"])
     figures.define("download", "%s download, GET /checksum/<sha256>, curl" % label, "MB/s",
                    ("min", 1000))
     server = ctx.servers.start(label="download")
     try:
         upload_once(ctx, server, "put")
         for run in range(ctx.runs):
+            settle()
             code, seconds = curl(["-o", os.devnull, server.url + "/checksum/" + ctx.big_sha256])
             if code != 200:
                 raise RuntimeError("download answered %d" % code)
@@ -1274,6 +1288,23 @@ class Context:
         return self._nonce
 
 
+def server_version(script):
+    """sha256 of the server script and the git commit it was checked out at."""
+    with open(script, "rb") as handle:
+        digest = hashlib.sha256(handle.read()).hexdigest()
+    commit = None
+    try:
+        result = subprocess.run(["git", "log", "-1", "--format=%h %s", "--", script],
+                                cwd=os.path.dirname(script), stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, timeout=10)
+        dirty = subprocess.run(["git", "diff", "--quiet", "--", script],
+                               cwd=os.path.dirname(script), timeout=10).returncode
+        commit = result.stdout.decode().strip() + (" (+ uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"sha256": digest, "git": commit}
+
+
 def tool_version(command):
     try:
         result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -1340,6 +1371,7 @@ def main(argv=None):
             "cpus": os.cpu_count(), "loadavg_before": os.getloadavg(),
             "client": args.client, "wrk": tool_version(["wrk", "--version"]) if have_wrk() else None,
             "curl": tool_version(["curl", "--version"]), "server": args.server,
+            "server_version": server_version(os.path.abspath(args.server)),
             "units": "MB = 10**6 bytes, MiB = 2**20 bytes"}
     log("sections %s, %d run(s), client %s, work dir %s"
         % (",".join(args.sections), args.runs, args.client, workdir))
