@@ -11,18 +11,21 @@ Every measurement starts ``http_bucket.py`` as a subprocess on a free port of
 stops it by its PID.  Sections (``--only`` takes their names or letters):
 
   a ceilings  hashlib md5+sha256+sha512 in one thread and in three threads,
-              sha256 alone, disk write (write + fsync), loopback TCP, and the
-              file-system work of storing 16 KiB files (create, write, fsync,
-              mkdir, link, fsync dir, unlink) in 8 threads
+              sha256 alone, disk write (write + fsync), loopback TCP
   b upload    1 GiB by ``curl -T`` and ``curl -F``; PUT with --digests sha256;
               PUT with --fsync false (a separate, informative row)
-  c small     2,000 distinct 16 KiB uploads over 8 keep-alive connections
+  c small     2,000 distinct 16 KiB uploads over 8 keep-alive connections, PUT
+              and multipart, after the file-system work of storing 2,000 such
+              files (create, write, fsync, mkdir, link, fsync dir, unlink) in
+              8 threads: that ceiling is measured here, just before, as it moves
   d head      HEAD /checksum/<sha256|md5|unknown>, GET /healthz, 16 connections
   e download  1 GiB GET /checksum/<sha256> by curl
+  s scaling   1, 8 and 64 concurrent 1 MiB uploads
   f startup   10,000 and 100,000 stored blobs (1,000,000 with --with-1m)
   g           peak RSS (VmHWM) is taken in b, c and the scaling section
-  s scaling   1, 8 and 64 concurrent 1 MiB uploads
 
+Sections run in that order; stores of many files are deleted only at the end
+(see SECTIONS).  Large transfers start after os.sync().
 Tools: curl for b and e; wrk (with generated Lua scripts) for c, d and the
 scaling rows when it is installed, else a Python load generator
 (multiprocessing, raw sockets, keep-alive) whose own ceiling against
@@ -36,6 +39,7 @@ Standard library only; Python 3.9+.
 
 import argparse
 import collections
+import glob
 import hashlib
 import json
 import multiprocessing
@@ -58,7 +62,11 @@ MiB = 1024 * 1024
 GiB = 1024 * MiB
 MB = 1000 * 1000
 
-SECTIONS = ("ceilings", "upload", "small", "head", "download", "startup", "scaling")
+# Startup runs last: its many-file stores are the biggest deletion of the run,
+# and on ext4 without a journal (this machine) creating a file scans the
+# inodes deleted in the last minutes (recently_deleted in the kernel's
+# profile), so every store of many files is deleted only at the very end.
+SECTIONS = ("ceilings", "upload", "small", "head", "download", "scaling", "startup")
 LETTERS = {"a": ("ceilings",), "b": ("upload",), "c": ("small",), "d": ("head",),
            "e": ("download",), "f": ("startup",), "g": ("upload", "small"),
            "s": ("scaling",)}
@@ -493,9 +501,7 @@ def small_file_rate(directory, count, size, threads=8):
         worker.start()
     for worker in workers:
         worker.join()
-    rate = count / (time.perf_counter() - started)
-    shutil.rmtree(root, ignore_errors=True)
-    return rate
+    return count / (time.perf_counter() - started)  # files stay until the end
 
 
 def define_ceilings(figures):
@@ -505,8 +511,6 @@ def define_ceilings(figures):
     figures.define("ceiling_sha256", "ceiling: sha256 alone", "MB/s")
     figures.define("ceiling_disk", "ceiling: disk write + fsync", "MB/s")
     figures.define("ceiling_loopback", "ceiling: loopback TCP sendall 1 MiB", "MB/s")
-    figures.define("ceiling_small_files", "ceiling: 16 KiB files stored as the store does, "
-                   "no hashing, 8 threads", "files/s")
 
 
 def bench_ceilings(ctx, only_threaded=False):
@@ -524,14 +528,10 @@ def bench_ceilings(ctx, only_threaded=False):
         figures.add("ceiling_sha256", hash_rate(buffers, sizes["hash_bytes"], ("sha256",), False))
         figures.add("ceiling_disk", disk_rate(ctx.workdir, sizes["disk_bytes"]))
         figures.add("ceiling_loopback", loopback_rate(sizes["loopback_bytes"]))
-        figures.add("ceiling_small_files", small_file_rate(ctx.workdir, sizes["small_count"],
-                                                           sizes["small_size"]))
-        log("ceilings run %d: 1 thread %.0f, sha256 %.0f, disk %.0f, loopback %.0f MB/s, "
-            "small files %.0f/s" % (
-                run + 1, figures.rows["ceiling_3digest_1thread"]["runs"][-1],
-                figures.rows["ceiling_sha256"]["runs"][-1], figures.rows["ceiling_disk"]["runs"][-1],
-                figures.rows["ceiling_loopback"]["runs"][-1],
-                figures.rows["ceiling_small_files"]["runs"][-1]))
+        log("ceilings run %d: 1 thread %.0f, sha256 %.0f, disk %.0f, loopback %.0f MB/s" % (
+            run + 1, figures.rows["ceiling_3digest_1thread"]["runs"][-1],
+            figures.rows["ceiling_sha256"]["runs"][-1], figures.rows["ceiling_disk"]["runs"][-1],
+            figures.rows["ceiling_loopback"]["runs"][-1]))
     if only_threaded:
         for key in list(figures.rows):
             if key.startswith("ceiling_") and not figures.rows[key]["runs"]:
@@ -985,6 +985,10 @@ def load_requests(ctx, server, method, path, connections, seconds, expect=None):
 def bench_small(ctx):
     figures, sizes = ctx.figures, ctx.sizes
     count, size = sizes["small_count"], sizes["small_size"]
+    # A ceiling of section a, measured here, just before each run's uploads:
+    # file creation on this machine swings 600..3200 files/s within minutes.
+    figures.define("ceiling_small_files", "ceiling: %d KiB files stored as the store does "
+                   "(no hashing, no HTTP), 8 threads" % (size // 1024), "files/s")
     for mode, title in (("put", "PUT"), ("multipart", "multipart")):
         key = "small_" + mode
         figures.define(key, "%d distinct %d KiB uploads, %s, 8 connections"
@@ -992,6 +996,9 @@ def bench_small(ctx):
         figures.define("rss_" + key, "peak RSS during the %s small uploads" % title, "MiB",
                        digits=1)
     for run in range(ctx.runs):
+        ceiling = small_file_rate(ctx.workdir, count, size)
+        figures.add("ceiling_small_files", ceiling)
+        log("run %d small-file ceiling: %.0f files/s" % (run + 1, ceiling))
         for mode in ("put", "multipart"):
             key = "small_" + mode
             server = ctx.servers.start(label=key)
@@ -1002,7 +1009,7 @@ def bench_small(ctx):
                 health = server.healthz()
                 hwm_kb = server.status().get("VmHWM", 0)
             finally:
-                ctx.servers.stop(server)
+                ctx.servers.stop(server, remove_dir=False)  # many files: removed at the end
             figures.add(key, rate, failed=failed, blobs_after=health and health.get("blobs"),
                         server_cpu_us_per_upload=cpu_us)
             figures.add("rss_" + key, hwm_kb / 1024.0)
@@ -1037,21 +1044,27 @@ def bench_scaling(ctx):
             key = "scaling_%d" % level
             server = ctx.servers.start(label=key)
             try:
+                cpu_before = server.cpu()
                 rate, failed = load_uploads(ctx, server, "put", max(total, level), size, level)
+                cpu_ms = (server.cpu() - cpu_before) / max(total, level) * 1e3
                 hwm_kb = server.status().get("VmHWM", 0)
             finally:
-                ctx.servers.stop(server)
-            figures.add(key, rate * size / MB, failed=failed)
+                ctx.servers.stop(server, remove_dir=False)  # many files: removed at the end
+            figures.add(key, rate * size / MB, failed=failed, server_cpu_ms_per_upload=cpu_ms)
             figures.add("rss_" + key, hwm_kb / 1024.0)
             if failed:
                 figures.note(key, "%d uploads failed" % failed)
             log("run %d scaling %d: %.0f MB/s (%d failed), peak RSS %.1f MiB"
                 % (run + 1, level, rate * size / MB, failed, hwm_kb / 1024.0))
     base = figures.median("scaling_1")
-    for level in levels[1:]:
-        value = figures.median("scaling_%d" % level)
-        if base and value:
-            figures.note("scaling_%d" % level, "%.2f × 1 connection" % (value / base))
+    for level in levels:
+        key = "scaling_%d" % level
+        value = figures.median(key)
+        if base and value and level > 1:
+            figures.note(key, "%.2f × 1 connection" % (value / base))
+        cpu = _median_or_none(figures.rows[key]["extra"]["server_cpu_ms_per_upload"])
+        if cpu is not None:
+            figures.note(key, "server CPU %.1f ms/upload" % cpu)
 
 
 # ===========================================================================
@@ -1157,12 +1170,10 @@ def generate_store(root, count):
 
 
 def remove_tree(path):
-    """rm -rf, two processes over the blob tree (shutil.rmtree took ~3 min for 1M blobs)."""
-    blob_root = os.path.join(path, "blob")
-    try:
-        tops = sorted(os.path.join(blob_root, name) for name in os.listdir(blob_root))
-    except OSError:
-        tops = []
+    """rm -rf ``path``: two rm processes over the blob trees of the stores in it
+    (shutil.rmtree took ~3 min for 1M blobs)."""
+    tops = sorted(glob.glob(os.path.join(path, "blob", "*")) +
+                  glob.glob(os.path.join(path, "*", "blob", "*")))
     removers = [subprocess.Popen(["rm", "-rf"] + tops[half::2]) for half in (0, 1)
                 if tops[half::2]]
     for remover in removers:
@@ -1211,7 +1222,7 @@ def bench_startup(ctx):
     counts = list(ctx.sizes["startup_counts"]) + ([1000000] if ctx.with_1m else [])
     figures.define("startup_empty", "startup, empty store: launch to index_ready", "s", digits=3)
     figures.define("rss_empty", "RSS of an empty-store server", "MiB", digits=1)
-    stores = {}
+    stores = {}  # removed with the work directory at the end of the run
     for count in counts:
         label = "%dM" % (count // 1000000) if count >= 1000000 else "%dk" % (count // 1000)
         figures.define("startup_%d" % count, "startup, %s blobs: index_ready, net of empty start"
@@ -1221,49 +1232,45 @@ def bench_startup(ctx):
                        "s", digits=2)
         figures.define("bytes_per_blob_%d" % count, "index RSS per blob, %s blobs" % label,
                        "B/blob", ("max", 300))
-    try:
+    for count in counts:
+        directory = ctx.servers.fresh_dir("startup-%d" % count)
+        started = time.monotonic()
+        generate_store(directory, count)
+        stores[count] = directory
+        log("generated %d blobs in %.1f s" % (count, time.monotonic() - started))
+    for run in range(ctx.runs):
+        empty_dir = ctx.servers.fresh_dir("startup-empty")
+        empty = measure_startup(ctx, empty_dir, 0, SERVER_START_TIMEOUT)
+        shutil.rmtree(empty_dir, ignore_errors=True)
+        figures.add("startup_empty", empty["ready"], listening=empty["listening"])
+        figures.add("rss_empty", empty["rss_kb"] / 1024.0)
         for count in counts:
-            directory = ctx.servers.fresh_dir("startup-%d" % count)
-            started = time.monotonic()
-            generate_store(directory, count)
-            stores[count] = directory
-            log("generated %d blobs in %.1f s" % (count, time.monotonic() - started))
-        for run in range(ctx.runs):
-            empty_dir = ctx.servers.fresh_dir("startup-empty")
-            empty = measure_startup(ctx, empty_dir, 0, SERVER_START_TIMEOUT)
-            shutil.rmtree(empty_dir, ignore_errors=True)
-            figures.add("startup_empty", empty["ready"], listening=empty["listening"])
-            figures.add("rss_empty", empty["rss_kb"] / 1024.0)
-            for count in counts:
-                timeout = max(60.0, count / 1000.0)
-                result = measure_startup(ctx, stores[count], count, timeout)
-                net = result["ready"] - empty["ready"]
-                per_blob = (result["rss_kb"] - empty["rss_kb"]) * 1024.0 / count
-                per_blob_ready = (result["rss_ready_kb"] - empty["rss_kb"]) * 1024.0 / count
-                figures.add("startup_%d" % count, net, raw=result["ready"],
-                            listening=result["listening"], server_says=result["server_seconds"],
-                            blobs=result["blobs"])
-                figures.add("startup_bg_%d" % count, result["background"])
-                figures.add("bytes_per_blob_%d" % count, per_blob,
-                            at_ready=per_blob_ready, rss_mib=result["rss_kb"] / 1024.0)
-                if result["blobs"] != count:
-                    figures.note("startup_%d" % count, "server counted %s blobs" % result["blobs"])
-                log("run %d startup %d: listening %.3f s, ready %.3f s (server says %s s), "
-                    "background done %s s, %.0f B/blob (%.0f at ready)"
-                    % (run + 1, count, result["listening"], result["ready"],
-                       result["server_seconds"], "%.2f" % result["background"]
-                       if result["background"] else "?", per_blob, per_blob_ready))
-        for count in counts:
-            row = figures.rows["startup_%d" % count]
-            figures.note("startup_%d" % count, "raw %.3f s from launch, server says %s s"
-                         % (_median_or_none(row["extra"]["raw"]),
-                            _median_or_none(row["extra"]["server_says"])))
-            row = figures.rows["bytes_per_blob_%d" % count]
-            figures.note("bytes_per_blob_%d" % count, "after background scan; %.0f at index_ready"
-                         % _median_or_none(row["extra"]["at_ready"]))
-    finally:
-        for directory in stores.values():
-            remove_tree(directory)
+            timeout = max(60.0, count / 1000.0)
+            result = measure_startup(ctx, stores[count], count, timeout)
+            net = result["ready"] - empty["ready"]
+            per_blob = (result["rss_kb"] - empty["rss_kb"]) * 1024.0 / count
+            per_blob_ready = (result["rss_ready_kb"] - empty["rss_kb"]) * 1024.0 / count
+            figures.add("startup_%d" % count, net, raw=result["ready"],
+                        listening=result["listening"], server_says=result["server_seconds"],
+                        blobs=result["blobs"])
+            figures.add("startup_bg_%d" % count, result["background"])
+            figures.add("bytes_per_blob_%d" % count, per_blob,
+                        at_ready=per_blob_ready, rss_mib=result["rss_kb"] / 1024.0)
+            if result["blobs"] != count:
+                figures.note("startup_%d" % count, "server counted %s blobs" % result["blobs"])
+            log("run %d startup %d: listening %.3f s, ready %.3f s (server says %s s), "
+                "background done %s s, %.0f B/blob (%.0f at ready)"
+                % (run + 1, count, result["listening"], result["ready"],
+                   result["server_seconds"], "%.2f" % result["background"]
+                   if result["background"] else "?", per_blob, per_blob_ready))
+    for count in counts:
+        row = figures.rows["startup_%d" % count]
+        figures.note("startup_%d" % count, "raw %.3f s from launch, server says %s s"
+                     % (_median_or_none(row["extra"]["raw"]),
+                        _median_or_none(row["extra"]["server_says"])))
+        row = figures.rows["bytes_per_blob_%d" % count]
+        figures.note("bytes_per_blob_%d" % count, "after background scan; %.0f at index_ready"
+                     % _median_or_none(row["extra"]["at_ready"]))
 
 
 # ===========================================================================
