@@ -85,8 +85,10 @@ if not os.environ.get("HTTP_BUCKET_NO_MAGIC"):
 
 CHUNK_SIZE = 1024 * 1024            # bytes per read of a body: 1 MiB keeps
                                     # hashlib (GIL released) busy per call
-SMALL_BODY = 256 * 1024             # bodies up to this are hashed inline;
+SMALL_BODY = 4 * 1024 * 1024       # bodies up to this are hashed inline;
                                     # larger ones by one thread per digest
+                                    # (threads for every 1 MiB upload took
+                                    # 64 concurrent ones to 108 MiB RSS)
 MAX_REQUEST_LINE = 8192             # bytes, like most servers' URL limit
 MAX_HEADER_LINE = 8192              # bytes per header line
 MAX_HEADERS = 100                   # header lines per request (http.client's)
@@ -1005,10 +1007,11 @@ class ChecksumIndex:
     sha256 needs no table: it names the blob's path, and the disk answers.
     Every other digest maps to the first 16 bytes of the blob's sha256; the
     blob's directory (``blob/ab/cd``, a file or two) supplies the rest.
-    Keys are bytes, sha512 cut to its first 16 bytes too (a false match
-    needs a 128-bit sha512 prefix collision, about 2**64 work).  Measured
-    with tracemalloc: a set of sha256 plus full keys cost 310 bytes a blob,
-    this layout about 220 (goal: <= 300).  ``recorded`` holds the first 8
+    Keys and values are ints of 16 bytes (48-byte objects; bytes take 56),
+    sha512 cut to its first 16 bytes too (a false match needs a 128-bit
+    sha512 prefix collision, about 2**64 work).  Measured with tracemalloc:
+    a set of sha256 plus full keys cost 310 bytes a blob, bytes keys 252,
+    ints 228 (goal: <= 300, counted as RSS).  ``recorded`` holds the first 8
     bytes of every recorded sha256 while the blob tree is scanned at
     startup, then is dropped.  Readers need no lock: dict operations are
     atomic under the GIL.
@@ -1024,25 +1027,26 @@ class ChecksumIndex:
         self.lock = threading.Lock()
 
     def add(self, digests):
-        sha256 = bytes.fromhex(digests["sha256"])
-        prefix = sha256[:self.KEY_BYTES]
+        sha256 = digests["sha256"]
+        prefix = int(sha256[:2 * self.KEY_BYTES], 16)
         with self.lock:
             if self.recorded is not None:
-                self.recorded.append(int.from_bytes(sha256[:8], "big"))
+                self.recorded.append(int(sha256[:16], 16))
             grew = not self.aliases
             for name, table in self.aliases.items():
                 if name in digests:
-                    key = bytes.fromhex(digests[name])[:self.KEY_BYTES]
+                    key = int(digests[name][:2 * self.KEY_BYTES], 16)
                     grew = grew or key not in table
                     table[key] = prefix
             self.count += grew
 
-    def get(self, algorithm, raw):
-        """The sha256 (or its first 16 bytes) for a raw digest, or None."""
+    def get(self, algorithm, hexdigest):
+        """Hex of the sha256 (or of its first 16 bytes) for a digest, or None."""
         if algorithm == "sha256":
-            return raw
+            return hexdigest
         table = self.aliases.get(algorithm)
-        return None if table is None else table.get(raw[:self.KEY_BYTES])
+        prefix = None if table is None else table.get(int(hexdigest[:2 * self.KEY_BYTES], 16))
+        return None if prefix is None else "%0*x" % (2 * self.KEY_BYTES, prefix)
 
     def forget(self):
         """One blob fewer (its aliases fail the disk check from now on)."""
@@ -1282,7 +1286,7 @@ class Store:
                         raw = bytes.fromhex(entry.name)
                     except ValueError:
                         continue
-                    key = int.from_bytes(raw[:8], "big")
+                    key = int.from_bytes(raw[:8], "big")  # as recorded: int(hex[:16], 16)
                     spot = bisect.bisect_left(recorded, key)
                     if spot < len(recorded) and recorded[spot] == key:
                         continue
@@ -1368,20 +1372,17 @@ class Store:
         Raises BadRequest for a string that is not 32, 40, 64 or 128 hex.
         """
         algorithm = LOOKUP_LENGTHS.get(len(hexdigest))
-        try:
-            raw = bytes.fromhex(hexdigest)
-        except ValueError:
-            raw = None
-        if algorithm is None or raw is None:
+        if algorithm is None or not _HEX.match(hexdigest):
             raise BadRequest("checksum must be 32 (md5), 40 (sha1), 64 (sha256) or "
                              "128 (sha512) hex digits, got %r" % hexdigest[:140])
         if algorithm not in self.algorithms:
             return None
         if not self.ready.is_set():
             self.ready.wait(INDEX_WAIT)
+        hexdigest = hexdigest.lower()
         for attempt in range(2):
-            found = self.index.get(algorithm, raw)
-            sha256 = found and self.find_blob(found.hex())
+            found = self.index.get(algorithm, hexdigest)
+            sha256 = found and self.find_blob(found)
             if sha256:
                 return sha256
             if attempt == 0:
@@ -1642,6 +1643,9 @@ class Store:
         _rmdir_quietly(path)
         self.set_expiry(self.relpath(path), 0)
         return names, reclaimed
+
+
+_HEX = re.compile(r"^[0-9a-fA-F]+$")
 
 
 def _scandirs(path):
