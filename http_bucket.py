@@ -1377,16 +1377,17 @@ class Store:
                              "128 (sha512) hex digits, got %r" % hexdigest[:140])
         if algorithm not in self.algorithms:
             return None
-        if not self.ready.is_set():
-            self.ready.wait(INDEX_WAIT)
         hexdigest = hexdigest.lower()
         for attempt in range(2):
             found = self.index.get(algorithm, hexdigest)
             sha256 = found and self.find_blob(found)
             if sha256:
-                return sha256
+                return sha256  # while the index loads too: the disk said yes
             if attempt == 0:
-                self.refresh_journals()  # stored by another process?
+                if not self.ready.is_set():
+                    self.ready.wait(INDEX_WAIT)  # a "no" waits for the whole index
+                else:
+                    self.refresh_journals()  # stored by another process?
         return None
 
     def find_blob(self, prefix):
