@@ -110,9 +110,6 @@ INDEX_WAIT = 30.0                   # seconds a lookup waits for the startup
 ESTALE_RETRIES = 5                  # reads retried on ESTALE/ENOENT races
                                     # of a shared filesystem (dfs/README.md)
 SHUTDOWN_GRACE = 30.0               # seconds SIGTERM waits for uploads
-ORPHAN_AGE = 600.0                  # seconds before a blob with no name, pin
-                                    # or source, left by a process killed
-                                    # mid-publish, is reclaimed at startup
 MIN_BODY_RATE = 16 * 1024           # bytes/s a body must average over each
                                     # read (beyond --timeout): a client
                                     # dripping a byte per second is dropped
@@ -1163,7 +1160,8 @@ class Store:
         self.pins = {}        # sha256 hex -> retain_until (0: forever)
         self.expiries = {}    # relpath -> retain_until, names that expire
         self.derived = {}     # sha256 -> sha256 of its decompressed blob
-        self.ready = threading.Event()
+        self.ready = threading.Event()       # lookups may trust the index
+        self.reconciled = threading.Event()  # blob tree scanned, journals merged
         self.journal_offsets = {}
         self.refresh_lock = threading.Lock()
         self.load_seconds = None
@@ -1208,10 +1206,15 @@ class Store:
         self.load_seconds = time.monotonic() - started
         self.ready.set()
         self.log("indexed %d blobs in %.3f s" % (len(self.index), self.load_seconds))
-        found = self.scan_blobs()
-        if found:
-            self.log("hashed %d blobs found without a record" % found)
-        self.merge_dead_journals()
+        try:
+            found = self.scan_blobs()
+            if found:
+                self.log("hashed %d blobs found without a record" % found)
+            self.merge_dead_journals()
+        except Exception:  # the index stands; only the cleanup is missed
+            self.log("reconciling with the disk failed:\n" + traceback.format_exc())
+        finally:
+            self.reconciled.set()
 
     def refresh_journals(self):
         """Read what other processes (and dead ones) appended since last time."""
@@ -1310,13 +1313,19 @@ class Store:
             return False
         self.journal.blob(digester.size, digests)
         self.index.add(digests)
+        self.pin(name)  # put there by hand: kept until deleted by checksum
         return True
 
     def merge_dead_journals(self):
         """Fold the journals of dead processes into ours, then remove them.
 
-        Keeps the records of blobs still on disk and the pins and expiries
-        in force, so journals do not grow with every restart.
+        Keeps the records of blobs still on disk and the pins, expiries and
+        derivations in force, so journals do not grow with every restart;
+        streamed in batches, so memory stays flat however many blobs there
+        are.  A blob such a journal recorded that has no name, pin or source
+        (st_nlink 1: a live upload always holds a second link, its staged
+        file, until it is named) was left by a process killed mid-upload,
+        and is reclaimed.
         """
         dead = [entry.path for entry in os.scandir(self.index_dir)
                 if entry.name.endswith(".log") and entry.path != self.journal.path
@@ -1324,35 +1333,25 @@ class Store:
         if not dead:
             return
         self.refresh_journals()  # everything in them is applied
-        lines, seen, orphans = [], set(), []
-        for path in dead:
-            with open(path, "r", encoding="utf-8", errors="surrogateescape") as handle:
-                for line in handle:
-                    parsed = parse_journal_line(line)
-                    if parsed is None or parsed[0] != "B":
-                        continue
-                    sha256 = _field_digest(parsed[2], "sha256")
-                    if not sha256 or sha256 in seen:
-                        continue
-                    seen.add(sha256)
-                    try:
-                        st = os.stat(self.blob_path(sha256))
-                    except OSError:
-                        continue  # deleted since
-                    lines.append(line)
-                    if st.st_nlink == 1 and utc_now() - st.st_ctime > ORPHAN_AGE:
-                        orphans.append(sha256)
-        now = utc_now()
-        lines += ["P\t%.3f\t%s\t%.3f\n" % (now, sha256, until)
-                  for sha256, until in list(self.pins.items())]
-        lines += ["E\t%.3f\t%.3f\t%s\n" % (now, until, relpath)
-                  for relpath, until in list(self.expiries.items())]
-        lines += ["D\t%.3f\t%s\t%s\n" % (now, source, derived)
-                  for source, derived in list(self.derived.items())]
+        seen, orphans, batch = set(), [], []
         try:
-            with self.journal.lock:
-                os.write(self.journal.fd, "".join(lines).encode("utf-8", "surrogateescape"))
-                os.fsync(self.journal.fd)
+            for path in dead:
+                with open(path, "r", encoding="utf-8", errors="surrogateescape") as handle:
+                    for line in handle:
+                        sha256 = self._live_record(line, seen, orphans)
+                        if sha256:
+                            batch.append(line)
+                        if len(batch) >= 10000:
+                            self._append_lines(batch)
+            now = utc_now()
+            batch += ["P\t%.3f\t%s\t%.3f\n" % (now, sha256, until)
+                      for sha256, until in list(self.pins.items())]
+            batch += ["E\t%.3f\t%.3f\t%s\n" % (now, until, relpath)
+                      for relpath, until in list(self.expiries.items())]
+            batch += ["D\t%.3f\t%s\t%s\n" % (now, source, derived)
+                      for source, derived in list(self.derived.items())]
+            self._append_lines(batch)
+            os.fsync(self.journal.fd)
         except OSError as exc:
             self.log("could not merge dead journals: %s" % exc)
             return
@@ -1363,6 +1362,29 @@ class Store:
         if reclaimed:
             self.log("reclaimed %d blobs left without a name by a process that died "
                      "mid-upload" % reclaimed)
+
+    def _live_record(self, line, seen, orphans):
+        """The sha256 of a B line whose blob is still on disk, else None."""
+        parsed = parse_journal_line(line)
+        if parsed is None or parsed[0] != "B":
+            return None
+        sha256 = _field_digest(parsed[2], "sha256")
+        key = sha256 and int(sha256[:16], 16)
+        if not key or key in seen:
+            return None
+        seen.add(key)
+        try:
+            st = os.stat(self.blob_path(sha256))
+        except OSError:
+            return None  # deleted since
+        if st.st_nlink == 1:
+            orphans.append(sha256)  # release() checks pins and sources
+        return sha256
+
+    def _append_lines(self, lines):
+        with self.journal.lock:
+            os.write(self.journal.fd, "".join(lines).encode("utf-8", "surrogateescape"))
+        del lines[:]
 
     # -- lookups -------------------------------------------------------------
 
@@ -2748,6 +2770,7 @@ class Handler(BaseHTTPRequestHandler):
     def route_get_health(self):
         store = self.server.store
         self.send_json(200, {"status": "ok", "index_ready": store.ready.is_set(),
+                             "reconciled": store.reconciled.is_set(),
                              "blobs": len(store.index)})
 
     def route_get_metrics(self):

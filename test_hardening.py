@@ -1057,6 +1057,10 @@ class CrashTests(HardeningCase):
 
     def check_restart(self, directory, kept):
         server = self.start_server(directory)
+        # Startup reclaims what the killed process left unnamed, in the
+        # background: look at the store once that is done.
+        self.assertTrue(wait_until(lambda: json.loads(
+            server.request("GET", "/healthz").body)["reconciled"], 30))
         self.assertOnlyFreshStaging(server)
         blobs = self.assertConsistentStore(directory)
         for sha256, content in kept.items():
