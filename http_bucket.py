@@ -2790,7 +2790,10 @@ class Handler(BaseHTTPRequestHandler):
         path = self.server.store.blob_path(sha256)
         if self.command == "HEAD":
             # Content-Length 0: the seed's `curl -X HEAD` reads that many bytes.
-            size = os.stat(path).st_size
+            try:
+                size = os.stat(path).st_size
+            except FileNotFoundError:
+                raise NotFound("no stored content has checksum %s" % sha256)  # just deleted
             self.send(200, b"", "application/octet-stream",
                       {"Content-Length": "0", "ETag": '"%s"' % sha256,
                        "X-Blob-Size": str(size), "X-Checksum-Sha256": sha256})
