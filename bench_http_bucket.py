@@ -21,6 +21,10 @@ stops it by its PID.  Sections (``--only`` takes their names or letters):
   d head      HEAD /checksum/<sha256|md5|unknown>, GET /healthz, 16 connections
   e download  1 GiB GET /checksum/<sha256> by curl
   s scaling   1, 8 and 64 concurrent 1 MiB uploads
+  x archives  expansion of a zip of 10,000 small files and of a 1 GiB tgz
+              (members/s, MB/s); peak RSS while gzip and zip bombs of 1 GiB
+              of zeros are stopped by the ratio limit
+  l listing   a directory of 100,000 names listed as JSON: seconds, peak RSS
   f startup   10,000 and 100,000 stored blobs (1,000,000 with --with-1m)
   g           peak RSS (VmHWM) is taken in b, c and the scaling section
 
@@ -66,20 +70,25 @@ MB = 1000 * 1000
 # and on ext4 without a journal (this machine) creating a file scans the
 # inodes deleted in the last minutes (recently_deleted in the kernel's
 # profile), so every store of many files is deleted only at the very end.
-SECTIONS = ("ceilings", "upload", "small", "head", "download", "scaling", "startup")
+SECTIONS = ("ceilings", "upload", "small", "head", "download", "scaling", "archives",
+            "listing", "startup")
 LETTERS = {"a": ("ceilings",), "b": ("upload",), "c": ("small",), "d": ("head",),
            "e": ("download",), "f": ("startup",), "g": ("upload", "small"),
-           "s": ("scaling",)}
+           "s": ("scaling",), "x": ("archives",), "l": ("listing",)}
 
 # Sizes of a full run and of a --quick smoke run.
 FULL = dict(hash_bytes=512 * MiB, disk_bytes=1 * GiB, loopback_bytes=1 * GiB,
             big_bytes=1 * GiB, small_count=2000, small_size=16 * 1024,
             head_seconds=5, startup_counts=(10000, 100000),
-            scaling_uploads=256, scaling_size=1 * MiB)
+            scaling_uploads=256, scaling_size=1 * MiB,
+            zip_members=10000, tgz_bytes=1 * GiB, bomb_bytes=1 * GiB,
+            listing_entries=100000)
 QUICK = dict(hash_bytes=64 * MiB, disk_bytes=128 * MiB, loopback_bytes=256 * MiB,
              big_bytes=128 * MiB, small_count=400, small_size=16 * 1024,
              head_seconds=2, startup_counts=(10000,),
-             scaling_uploads=64, scaling_size=1 * MiB)
+             scaling_uploads=64, scaling_size=1 * MiB,
+             zip_members=1000, tgz_bytes=64 * MiB, bomb_bytes=256 * MiB,
+             listing_entries=10000)
 
 SERVER_START_TIMEOUT = 30.0   # seconds until /healthz answers
 CURL_TIMEOUT = 300            # seconds for one 1 GiB transfer
@@ -683,6 +692,141 @@ def bench_download(ctx):
             log("run %d download: %.0f MB/s" % (run + 1, rate))
     finally:
         ctx.servers.stop(server)
+
+
+# ===========================================================================
+# x. Archives and l. listings
+# ===========================================================================
+
+
+def _timed_put(server, path, name):
+    """PUT a file by curl: (seconds, the response's first file)."""
+    response_path = path + ".response.json"
+    code, seconds = curl(["-o", response_path, "-T", path, server.url + "/upload/" + name])
+    with open(response_path, "rb") as handle:
+        answer = json.loads(handle.read().decode() or "{}")
+    os.unlink(response_path)
+    if code not in (200, 201):
+        raise RuntimeError("upload of %s answered %d: %s" % (name, code, answer))
+    return seconds, answer["files"][0]
+
+
+class _RandomReader:
+    """A file-like object of ``size`` random bytes (tarfile reads it)."""
+
+    def __init__(self, size):
+        self.left = size
+
+    def read(self, count=-1):
+        count = self.left if count < 0 else min(count, self.left)
+        self.left -= count
+        return os.urandom(count)
+
+
+def make_archives(ctx):
+    """The zip of many small files, the tgz, and two bombs, made once."""
+    import gzip
+    import tarfile
+    import zipfile
+    sizes, paths = ctx.sizes, {}
+    paths["zip"] = os.path.join(ctx.workdir, "many.zip")
+    with zipfile.ZipFile(paths["zip"], "w", zipfile.ZIP_DEFLATED) as archive:
+        for number in range(sizes["zip_members"]):
+            archive.writestr("d%02d/f%05d.xml" % (number % 50, number),
+                             b"<r n='%d'>" % number + os.urandom(600).hex().encode() + b"</r>")
+    paths["tgz"] = os.path.join(ctx.workdir, "big.tgz")
+    part = 16 * MiB
+    with tarfile.open(paths["tgz"], "w:gz", compresslevel=1) as archive:
+        for number in range(max(1, sizes["tgz_bytes"] // part)):
+            info = tarfile.TarInfo("part%03d.bin" % number)
+            info.size = part
+            archive.addfile(info, _RandomReader(part))
+    paths["gzip_bomb"] = os.path.join(ctx.workdir, "zeros.gz")
+    with gzip.open(paths["gzip_bomb"], "wb", compresslevel=9) as handle:
+        zeros = bytes(MiB)
+        for _ in range(sizes["bomb_bytes"] // MiB):
+            handle.write(zeros)
+    paths["zip_bomb"] = os.path.join(ctx.workdir, "zeros.zip")
+    with zipfile.ZipFile(paths["zip_bomb"], "w", zipfile.ZIP_DEFLATED) as archive:
+        with archive.open("zeros.bin", "w", force_zip64=True) as handle:
+            for _ in range(sizes["bomb_bytes"] // MiB):
+                handle.write(bytes(MiB))
+    return paths
+
+
+def bench_archives(ctx):
+    figures = ctx.figures
+    sizes = ctx.sizes
+    log("making the archives")
+    paths = make_archives(ctx)
+    zip_label = "zip of %d small files" % sizes["zip_members"]
+    tgz_label = "%s tgz of 16 MiB members" % size_label(sizes["tgz_bytes"])
+    figures.define("zip_members", "expansion, %s: members/s" % zip_label, "members/s")
+    figures.define("zip_mbs", "expansion, %s: MB/s of members" % zip_label, "MB/s", digits=1)
+    figures.define("tgz_mbs", "upload + expansion, %s: MB/s of the tar" % tgz_label, "MB/s")
+    figures.define("bomb_rss", "peak RSS while gzip and zip bombs of %s of zeros are stopped"
+                   % size_label(sizes["bomb_bytes"]), "MiB", ("max", 64), digits=1)
+    for run in range(ctx.runs):
+        server = ctx.servers.start(label="archives")
+        try:
+            settle()
+            seconds, answer = _timed_put(server, paths["zip"], "many.zip")
+            count = answer["extracted"]["count"]
+            member_bytes = sum(item.get("size", 0) for item in answer["extracted"]["files"])
+            figures.add("zip_members", count / seconds)
+            figures.add("zip_mbs", member_bytes / seconds / MB)
+            settle()
+            seconds, answer = _timed_put(server, paths["tgz"], "big.tgz")
+            figures.add("tgz_mbs", answer["decompressed"]["size"] / seconds / MB)
+            log("run %d: zip of %d members %.0f members/s; tgz %.0f MB/s" % (
+                run + 1, count, figures.rows["zip_members"]["runs"][-1],
+                figures.rows["tgz_mbs"]["runs"][-1]))
+        finally:
+            ctx.servers.stop(server)
+        server = ctx.servers.start(label="bombs")
+        try:
+            for name in ("gzip_bomb", "zip_bomb"):
+                _, answer = _timed_put(server, paths[name], os.path.basename(paths[name]))
+                if "ratio" not in (answer.get("expansion_error") or ""):
+                    raise RuntimeError("%s was not stopped by the ratio: %s" % (name, answer))
+            figures.add("bomb_rss", server.status().get("VmHWM", 0) / 1024.0)
+        finally:
+            ctx.servers.stop(server)
+    figures.note("zip_members", "whole PUT by curl: upload, 3 digests, store, tree")
+    figures.note("tgz_mbs", "whole PUT by curl: upload, gunzip to a .tar blob, members; "
+                            "3 digests of each")
+    figures.note("bomb_rss", "VmHWM of a server that served only the two bombs")
+
+
+def bench_listing(ctx):
+    figures = ctx.figures
+    count = ctx.sizes["listing_entries"]
+    figures.define("listing_seconds", "JSON listing of a directory of %d names" % count, "s",
+                   digits=2)
+    figures.define("listing_rss", "peak RSS while listing %d names" % count, "MiB", digits=1)
+    server = ctx.servers.start(label="listing")
+    try:
+        status, _ = http_request(server, "PUT", "/files/list/seed.txt", b"one content\n")
+        if status not in (200, 201):
+            raise RuntimeError("PUT answered %d" % status)
+        directory = os.path.join(server.directory, "files", "list")
+        seed = os.path.join(directory, "seed.txt")
+        log("linking %d names" % count)
+        for number in range(count - 1):
+            os.link(seed, os.path.join(directory, "name-%06d.txt" % number))
+        for run in range(ctx.runs):
+            started = time.monotonic()
+            status, body = http_request(server, "GET", "/files/list/?format=json", timeout=120)
+            seconds = time.monotonic() - started
+            listed = json.loads(body.decode())["count"]
+            if status != 200 or listed != count:
+                raise RuntimeError("listing answered %d with %s entries" % (status, listed))
+            figures.add("listing_seconds", seconds)
+            figures.add("listing_rss", server.status().get("VmHWM", 0) / 1024.0)
+            log("run %d: listed %d names in %.2f s" % (run + 1, listed, seconds))
+    finally:
+        ctx.servers.stop(server)
+    figures.note("listing_rss", "VmHWM; names sorted in memory, entries streamed")
 
 
 # ===========================================================================
