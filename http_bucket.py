@@ -356,7 +356,9 @@ def retry_stale(func, *args):
 
 
 def json_bytes(obj):
-    return (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
+    # backslashreplace: a lone surrogate from a non-UTF-8 name never makes a 500
+    return (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode(
+        "utf-8", "backslashreplace")
 
 
 # ===========================================================================
@@ -663,11 +665,11 @@ def _decode_rfc5987(value):
     if not sep:
         return None
     _language, sep, encoded = rest.partition("'")
-    if not sep:
-        return None
+    if not sep or charset.lower() not in ("utf-8", "iso-8859-1", "us-ascii", ""):
+        return None  # RFC 5987 3.2.1: UTF-8 and ISO-8859-1 are what must work
     try:
         return urllib.parse.unquote(encoded, encoding=charset or "utf-8", errors="strict")
-    except (LookupError, UnicodeDecodeError):
+    except (LookupError, UnicodeError, ValueError):
         return None
 
 
@@ -796,8 +798,8 @@ class MultipartParser:
         start = len(self.header_buf)
         self.header_buf += data[pos:pos + self.max_header_size + 4]
         found = self.header_buf.find(b"\r\n\r\n", max(0, start - 3))
-        if found < 0:
-            if len(self.header_buf) > self.max_header_size + 2:
+        if found < 0:  # + 2: the CRLF before; + 3: a CRLFCRLF cut short
+            if len(self.header_buf) > self.max_header_size + 2 + 3:
                 raise BadRequest("multipart part headers over %d bytes" % self.max_header_size)
             return len(data)
         if found > self.max_header_size + 2:
@@ -823,6 +825,9 @@ class MultipartParser:
             name, sep, value = line.partition(":")
             if not sep or not name.strip() or name != name.rstrip():
                 raise BadRequest("multipart part header line without 'name: value': %r" % line[:60])
+            if re.search("[\x00-\x08\x0a-\x1f\x7f]", value):
+                raise BadRequest("multipart part header %r holds a control character"
+                                 % name.strip()[:60])
             last = name.strip().lower()
             headers[last] = value.strip()
         disposition = headers.get("content-disposition")
@@ -1873,8 +1878,12 @@ def iter_decompressed(kind, handle):
 
 def normalize_member(name):
     """An archive member name -> safe relative path, or (None, reason)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # tarfile's surrogateescape of other bytes
+        return None, "name is not UTF-8"
     name = name.replace("\\", "/")
-    if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
+    if name.startswith("/"):
         return None, "absolute path"
     segments = []
     for segment in name.split("/"):
@@ -1882,6 +1891,8 @@ def normalize_member(name):
             continue
         if segment == "..":
             return None, "'..' in path"
+        if not segments and re.match(r"^[A-Za-z]:", segment):
+            return None, "absolute path (drive letter)"
         try:
             check_segment(segment, "member")
         except BadRequest as exc:
@@ -1912,7 +1923,8 @@ class TreeBuilder:
         self.skipped = []
 
     def skip(self, name, reason):
-        self.skipped.append({"path": name, "reason": reason})
+        printable = name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        self.skipped.append({"path": printable, "reason": reason})
 
     def _claim(self, name):
         """Normalized path for a member, or None (skipped with a reason)."""
@@ -1953,12 +1965,13 @@ class TreeBuilder:
         path, reason = normalize_member(name)
         if path is None:
             self.skip(name, reason)
-        elif path in self.members:
-            self.skip(name, "a file of the same name exists")
-        else:
-            parts = path.split("/")
-            for depth in range(1, len(parts) + 1):
-                self.directories.add("/".join(parts[:depth]))
+            return
+        parts = path.split("/")
+        if any("/".join(parts[:depth]) in self.members for depth in range(1, len(parts) + 1)):
+            self.skip(name, "a file or link of the same name is in the way")
+            return
+        for depth in range(1, len(parts) + 1):
+            self.directories.add("/".join(parts[:depth]))
 
     def add_link(self, name, target, hard):
         """A tar link: kept only when it points inside the tree."""
@@ -1972,8 +1985,11 @@ class TreeBuilder:
             if target.startswith("/") or not target:
                 self.skip(name, "symlink to absolute path %r" % target)
                 return
-            link_dir = posixpath.dirname(name.replace("\\", "/"))
-            if not _resolves_inside(link_dir, target):
+            normalized, reason = normalize_member(name)
+            if normalized is None:
+                self.skip(name, reason)
+                return
+            if not _resolves_inside(posixpath.dirname(normalized), target):
                 self.skip(name, "symlink to %r points outside the archive" % target)
                 return
         path = self._claim(name)

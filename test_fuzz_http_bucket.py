@@ -22,12 +22,9 @@ What is fuzzed, each against an independent oracle:
    relative path; ``_resolves_inside`` agrees with a posixpath model; and
    symlinks kept by ``TreeBuilder`` really resolve inside the tree on disk.
 
-Known bugs of http_bucket.py found by these properties are pinned by the
-``KnownBugs`` tests at the end (``expectedFailure``); the properties
-recognise those exact failure shapes (``_known_*`` helpers), count them as
-hypothesis events and go on.  When a bug is fixed its ``KnownBugs`` test
-passes "unexpectedly" and fails the run: then delete that test's
-``expectedFailure`` and the matching helper.
+The bugs these properties found in http_bucket.py are fixed; each keeps a
+minimal reproduction in ``Regressions`` at the end, and the properties
+assert strictly.
 
 Tests are skipped (not failed) without hypothesis (all properties) or the
 reference parser (the multipart ones): ``pip install hypothesis multipart``.  Examples per property:
@@ -532,27 +529,11 @@ def header_block_sizes(body, boundary):
     return [size for _start, size in sizes if size is not None]
 
 
-def _known_header_limit_split(body, boundary, limit, single, split):
-    """Known bug 1: a part header block of limit-2 .. limit bytes is taken
-    when fed at once but refused when a feed ends inside its CRLFCRLF."""
-    return (single[0] == "ok" and split[0] == "error"
-            and "headers over" in split[1].message
-            and any(limit - 2 <= size <= limit for size in header_block_sizes(body, boundary)))
-
-
-def _known_rfc5987_crash(exc):
-    """Known bug 8: ``filename*=<charset>''%41`` with a charset that
-    codecs cannot use as such ("undefined", one holding a NUL) raises
-    UnicodeError / ValueError out of _decode_rfc5987: a 500."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    return any(frame.name == "_decode_rfc5987" for frame in frames)
-
-
-def _known_control_in_header(part):
-    """Known bug 7: control characters inside a part header value are kept
-    and end up in the name or filename: a bare CR, LF or NUL (RFC 9110 5.5:
-    reject the message or replace each with SP) or another CTL, which is
-    neither field-vchar nor token (an unquoted ``name=\\x01``)."""
+def _control_in_header(part):
+    """Control characters inside a part header value (a bare CR, LF or NUL:
+    RFC 9110 5.5 says reject the message or replace each with SP; another
+    CTL is neither field-vchar nor token).  http_bucket refuses them (400);
+    this catches a regression that would keep one."""
     return any(re.search("[\x00-\x08\x0a-\x1f\x7f]", value)
                for value in part.headers.values())
 
@@ -618,23 +599,14 @@ class MultipartFuzz(unittest.TestCase):
         cuts = data.draw(cut_points(len(body)), label="cuts")
         limit = http_bucket.MAX_PART_HEADERS
         with no_hang():
-            try:
-                single = run_ours(body, boundary)
-            except (LookupError, ValueError) as exc:
-                if not _known_rfc5987_crash(exc):
-                    raise
-                event("KNOWN BUG 8: RFC 5987 charset crashes the parser")
-                return
+            single = run_ours(body, boundary)
             split = run_ours(body, boundary, cuts)
             ref = run_reference(body, boundary)
         event("ours: %s" % single[0])
-        if split != single and _known_header_limit_split(body, boundary, limit, single, split):
-            event("KNOWN BUG 1: header limit depends on the split")
-        else:
-            self.assertEqual(split[0], single[0], "outcome depends on the split: %r / %r"
-                             % (single[1], split[1]))
-            if single[0] == "ok":
-                self.assertEqual(split, single)
+        self.assertEqual(split[0], single[0], "outcome depends on the split: %r / %r"
+                         % (single[1], split[1]))
+        if single[0] == "ok":
+            self.assertEqual(split, single)
         if single[0] == "error":
             event("ours refuses: %s" % classify_ours_error(single[1].message))
             if ref[0] == "ok":
@@ -668,9 +640,6 @@ class MultipartFuzz(unittest.TestCase):
             split = run_ours(body, boundary, cuts, max_header_size=limit)
         self.assertEqual(single[0], "ok" if len(block) <= limit else "error",
                          "block of %d bytes, limit %d" % (len(block), limit))
-        if split != single and _known_header_limit_split(body, boundary, limit, single, split):
-            event("KNOWN BUG 1: header limit depends on the split")
-            return
         self.assertEqual(split[0], single[0], "block of %d bytes, limit %d: %r"
                          % (len(block), limit, split[1]))
 
@@ -692,9 +661,7 @@ def compare_loosely(testcase, ours, ref):
             testcase.assertEqual(" ".join(value.split()),
                                  " ".join(theirs.headers.get(key, "").split()))
         disposition = mine.headers.get("content-disposition", "")
-        if _known_control_in_header(mine):
-            event("KNOWN BUG 7: control character kept inside a part header value")
-            continue
+        testcase.assertFalse(_control_in_header(mine), "control character kept: %r" % (mine,))
         if re.search(r'[%\\\t*]', disposition) or disposition != disposition.strip():
             event("names not compared: quoting difference (see property 1)")
             continue
@@ -1007,11 +974,15 @@ def member_names(draw):
 
 def model_normalize(name):
     """Independent spelling of normalize_member's rules (see its docstring)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return None  # tarfile's surrogateescape of a non-UTF-8 name
     unified = name.replace("\\", "/")
-    if posixpath.isabs(unified) or re.match(r"[A-Za-z]:", unified):
+    if posixpath.isabs(unified):
         return None
     kept = [s for s in unified.split("/") if s not in ("", ".")]
-    if not kept or ".." in kept:
+    if not kept or ".." in kept or re.match(r"[A-Za-z]:", kept[0]):
         return None
     for segment in kept:
         if any(ord(c) < 32 or ord(c) == 127 for c in segment):
@@ -1111,14 +1082,6 @@ def link_plans(draw):
     return steps
 
 
-def _known_dirname_mismatch(raw_name, path):
-    """Known bug 2: add_link takes the link's directory from the raw name,
-    so "x/" or "a/l/." (kept as "x", "a/l") count one level too deep."""
-    raw_dir = [s for s in posixpath.dirname(raw_name.replace("\\", "/")).split("/")
-               if s not in ("", ".")]
-    return raw_dir != path.split("/")[:-1]
-
-
 @NEED_HYPOTHESIS
 class MemberNameFuzz(unittest.TestCase):
 
@@ -1142,23 +1105,11 @@ class MemberNameFuzz(unittest.TestCase):
             self.assertNotIn(segment, ("", ".", ".."))
             http_bucket.check_segment(segment, "member")
         self.assertEqual(posixpath.normpath(path), path)
-        again = http_bucket.normalize_member(path)
-        if again != (path, None) and re.match(r"[A-Za-z]:", path):
-            # KNOWN BUG 6: the drive-letter test looks at the raw name only,
-            # so "./C:/x" gives "C:/x", which itself is refused.
-            event("KNOWN BUG 6: drive letter after './'")
-        else:
-            self.assertEqual(again, (path, None))
+        self.assertEqual(http_bucket.normalize_member(path), (path, None))
         root = os.path.join(tempfile.gettempdir(), "root")
         joined = os.path.normpath(os.path.join(root, *path.split("/")))
         self.assertTrue(joined.startswith(root + os.sep), joined)
-        try:
-            path.encode("utf-8")
-        except UnicodeEncodeError:
-            # KNOWN BUG 4: a lone surrogate (tarfile's surrogateescape for a
-            # non-UTF-8 name) passes, then json_bytes() fails: a 500.
-            event("KNOWN BUG 4: member name not encodable as UTF-8")
-            return
+        path.encode("utf-8")  # a lone surrogate here would make json_bytes() fail
         event("kept")
 
     @fuzz_settings(EXAMPLES + 200)
@@ -1202,29 +1153,18 @@ class MemberNameFuzz(unittest.TestCase):
                            for entry in builder.skipped[before:]):
                         path, _ = http_bucket.normalize_member(name)
                         raw_names[path] = name
+            builder._drop_escaping_symlinks()  # what publish() does first
             links = {p: m[1] for p, m in builder.members.items() if m[0] == "symlink"}
-            clash = set(links) & builder.directories
-            if clash:
-                # KNOWN BUG 3: add_directory("l/sub") after symlink "l" makes
-                # "l" a directory too; publish() then dies in os.symlink
-                # (FileExistsError: a 500, the upload's tree lost).
-                event("KNOWN BUG 3: directory over a member")
-                return
+            self.assertFalse(set(links) & builder.directories, "a directory over a link")
             # What publish() does for directories and symlinks.
             for directory in sorted(builder.directories):
                 os.makedirs(os.path.join(root, directory), exist_ok=True)
             for path, target in links.items():
                 os.symlink(target, os.path.join(root, path))
             for path, target in links.items():
-                where, via_link = follow(root, path)
+                where, _via_link = follow(root, path)
                 event("symlink resolves: " + where)
                 if where != "outside":
-                    continue
-                if _known_dirname_mismatch(raw_names[path], path):
-                    event("KNOWN BUG 2: link directory taken from the raw name")
-                    continue
-                if via_link:
-                    event("KNOWN BUG 5: escape through another symlink")
                     continue
                 self.fail("symlink %r -> %r (from %r) leaves the tree; plan %r"
                           % (path, target, raw_names[path], plan))
@@ -1233,12 +1173,11 @@ class MemberNameFuzz(unittest.TestCase):
 
 
 # ===========================================================================
-# Known bugs, minimal reproductions (delete expectedFailure once fixed)
+# Regressions: minimal reproductions of the bugs the properties found
 # ===========================================================================
 
-class KnownBugs(unittest.TestCase):
+class Regressions(unittest.TestCase):
 
-    @unittest.expectedFailure
     def test_bug1_header_block_at_the_limit_refused_when_split(self):
         limit = 60
         block = b'Content-Disposition: form-data; name="a"\r\nX: ' + b"y" * 15
@@ -1249,7 +1188,6 @@ class KnownBugs(unittest.TestCase):
         self.assertEqual(run_ours(body, b"B", split_inside_crlfcrlf,
                                   max_header_size=limit)[0], "ok")
 
-    @unittest.expectedFailure
     def test_bug2_symlink_named_with_trailing_slash_escapes_one_level(self):
         work = tempfile.mkdtemp(prefix="fuzz-tree-")
         try:
@@ -1259,7 +1197,6 @@ class KnownBugs(unittest.TestCase):
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
-    @unittest.expectedFailure
     def test_bug3_directory_under_a_symlink_member(self):
         work = tempfile.mkdtemp(prefix="fuzz-tree-")
         try:
@@ -1270,13 +1207,11 @@ class KnownBugs(unittest.TestCase):
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
-    @unittest.expectedFailure
     def test_bug4_surrogate_member_name_breaks_the_json_answer(self):
         name = b"bad\xffname.txt".decode("utf-8", "surrogateescape")  # as tarfile gives it
         path, _reason = http_bucket.normalize_member(name)
         http_bucket.json_bytes({"path": path if path is not None else name})
 
-    @unittest.expectedFailure
     def test_bug5_symlink_chain_escapes_the_tree(self):
         work = tempfile.mkdtemp(prefix="fuzz-tree-")
         try:
@@ -1285,16 +1220,18 @@ class KnownBugs(unittest.TestCase):
             builder = bare_tree_builder(root)
             builder.add_link("a/b/c/d/up", "../..", hard=False)          # -> a/b
             builder.add_link("a/b/c/d/esc", "up/../../../x", hard=False)  # lexically a/b/c/x
+            builder._drop_escaping_symlinks()  # what publish() does first
             for directory in sorted(builder.directories):
                 os.makedirs(os.path.join(root, directory), exist_ok=True)
             for path, member in builder.members.items():
                 os.symlink(member[1], os.path.join(root, path))
-            self.assertNotEqual(follow(root, "a/b/c/d/esc")[0], "outside",
-                                "kept a/b/c/d/esc -> up/../../../x: resolves to tree/../x")
+            self.assertNotIn("a/b/c/d/esc", builder.members,
+                             "kept a/b/c/d/esc -> up/../../../x: resolves to tree/../x")
+            self.assertIn("a/b/c/d/esc", [entry["path"] for entry in builder.skipped])
+            self.assertNotEqual(follow(root, "a/b/c/d/up")[0], "outside")
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
-    @unittest.expectedFailure
     def test_bug8_unusable_rfc5987_charset_is_not_a_bad_request(self):
         for charset in (b"undefined", b"\x00TF-8"):
             body = (b'--B\r\nContent-Disposition: form-data; name="f"; filename*=' + charset
@@ -1303,7 +1240,6 @@ class KnownBugs(unittest.TestCase):
             if outcome[0] == "ok":
                 self.assertIn(outcome[1][0].filename, (None, "A.txt"))
 
-    @unittest.expectedFailure
     def test_bug7_cr_or_nul_inside_a_part_header_value_is_kept(self):
         body = (b'--B\r\nContent-Disposition: form-data; name="f"; filename=a\rb\x00c'
                 b'\r\n\r\nDATA\r\n--B--\r\n')
@@ -1311,7 +1247,6 @@ class KnownBugs(unittest.TestCase):
         if outcome[0] == "ok":
             self.assertNotRegex(outcome[1][0].filename, "[\r\n\x00]")
 
-    @unittest.expectedFailure
     def test_bug6_drive_letter_hidden_behind_dot_segment(self):
         self.assertEqual(http_bucket.normalize_member("./C:/x")[0],
                          http_bucket.normalize_member("C:/x")[0])
