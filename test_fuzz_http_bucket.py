@@ -24,11 +24,13 @@ What is fuzzed, each against an independent oracle:
 
 The bugs these properties found in http_bucket.py are fixed; each keeps a
 minimal reproduction in ``Regressions`` at the end, and the properties
-assert strictly.
+assert strictly.  A bug still open is pinned there as ``expectedFailure``;
+its test then passes "unexpectedly" once fixed (which fails the run):
+delete the decorator then.
 
 Tests are skipped (not failed) without hypothesis (all properties) or the
-reference parser (the multipart ones): ``pip install hypothesis multipart``.  Examples per property:
-FUZZ_EXAMPLES (default 500); FUZZ_RANDOM=1 explores new random examples on
+reference parser (the multipart ones): ``pip install hypothesis multipart``.
+Examples per property: FUZZ_EXAMPLES (default 500); FUZZ_RANDOM=1 explores new random examples on
 every run instead of the fixed, CI-stable derandomized ones.
 Run: ``python3 -m pytest -q test_fuzz_http_bucket.py --hypothesis-show-statistics``
 or ``python3 -m unittest test_fuzz_http_bucket``.
@@ -691,7 +693,7 @@ def _unquoted_non_token(disposition):
     return False
 
 
-OURS_ERRORS = ["no closing boundary", "not followed by CRLF", "without Content-Disposition",
+OURS_ERRORS = ["control character", "no closing boundary", "not followed by CRLF", "without Content-Disposition",
                "not form-data with a name", "without 'name: value'", "headers over",
                "boundary line too long"]
 
@@ -1153,7 +1155,8 @@ class MemberNameFuzz(unittest.TestCase):
                            for entry in builder.skipped[before:]):
                         path, _ = http_bucket.normalize_member(name)
                         raw_names[path] = name
-            builder._drop_escaping_symlinks()  # what publish() does first
+            with no_hang():
+                builder._drop_escaping_symlinks()  # what publish() does first
             links = {p: m[1] for p, m in builder.members.items() if m[0] == "symlink"}
             self.assertFalse(set(links) & builder.directories, "a directory over a link")
             # What publish() does for directories and symlinks.
@@ -1177,6 +1180,29 @@ class MemberNameFuzz(unittest.TestCase):
 # ===========================================================================
 
 class Regressions(unittest.TestCase):
+
+    # BUG 9, open: _resolve_in_tree limits how deep links nest (16) but not
+    # how many it follows, and resolves a link again at every mention, so
+    # d/l0 -> ".", d/lN -> "l(N-1)/" x 10 costs 10**N steps: a 10 KiB tar
+    # of 11 links kept a core busy past the 30 s a client waited (seen on a
+    # real server).  The kernel gives up after 40 links in all (ELOOP).
+    # Fix: one counter of links followed for the whole resolution (40, then
+    # "outside" or "dead"), or remember each link's resolution.
+    @unittest.expectedFailure
+    @unittest.skipUnless(hasattr(signal, "setitimer"), "needs SIGALRM to stop the run")
+    def test_bug9_symlink_fan_out_is_not_exponential(self):
+        work = tempfile.mkdtemp(prefix="fuzz-tree-")
+        try:
+            builder = bare_tree_builder(work)
+            builder.add_directory("d")
+            builder.add_link("d/l0", ".", hard=False)
+            for level in range(1, 12):
+                builder.add_link("d/l%d" % level, "/".join(["l%d" % (level - 1)] * 10),
+                                 hard=False)
+            with no_hang(5.0):
+                builder._drop_escaping_symlinks()
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
 
     def test_bug1_header_block_at_the_limit_refused_when_split(self):
         limit = 60
