@@ -810,10 +810,14 @@ def bench_listing(ctx):
         if status not in (200, 201):
             raise RuntimeError("PUT answered %d" % status)
         directory = os.path.join(server.directory, "files", "list")
-        seed = os.path.join(directory, "seed.txt")
         log("linking %d names" % count)
         for number in range(count - 1):
+            if number % 50000 == 0:  # ext4 allows 65,000 links to one inode
+                seed = os.path.join(directory, "seed-%d.txt" % number)
+                status, _ = http_request(server, "PUT", "/files/list/seed-%d.txt" % number,
+                                         b"content %d\n" % number)
             os.link(seed, os.path.join(directory, "name-%06d.txt" % number))
+        count = len(os.listdir(directory))
         for run in range(ctx.runs):
             started = time.monotonic()
             status, body = http_request(server, "GET", "/files/list/?format=json", timeout=120)
@@ -1279,10 +1283,13 @@ def _generate_part(root, start, stop, journal_name):
         fd = os.open(os.path.join(directory, sha256), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o444)
         os.write(fd, content)
         os.close(fd)
-        # The format Journal.blob writes (algorithms sorted by name).
+        # The format Journal.blob writes (algorithms sorted by name), and the
+        # pin an upload to /upload records: without it the blob would be an
+        # orphan, reclaimed at startup.
         lines.append("B\t%.3f\t%d\tmd5=%s\tsha256=%s\tsha512=%s\n" % (
             now, len(content), hashlib.md5(content).hexdigest(), sha256,
             hashlib.sha512(content).hexdigest()))
+        lines.append("P\t%.3f\t%s\t0.000\n" % (now, sha256))
         if len(lines) >= 10000:
             _append(os.path.join(root, "index", journal_name), lines)
     _append(os.path.join(root, "index", journal_name), lines)

@@ -967,14 +967,14 @@ class StagedBlob:
         self.digests = self.digester.hexdigests()
         self.digester = None
         try:
-            if sync and self.store.config.fsync:
-                os.fsync(self.fd)
-            os.fchmod(self.fd, 0o444)  # blobs are read-only on disk
-            try:
+            try:  # before fchmod: a user xattr needs write permission
                 os.setxattr(self.fd, XATTR_DIGESTS, ";".join(
                     "%s=%s" % item for item in sorted(self.digests.items())).encode())
             except (OSError, AttributeError):
                 pass  # no user xattrs here: names are hashed when asked
+            if sync and self.store.config.fsync:
+                os.fsync(self.fd)
+            os.fchmod(self.fd, 0o444)  # blobs are read-only on disk
         except OSError as exc:
             raise storage_error(exc)
         finally:
@@ -1063,6 +1063,57 @@ class ChecksumIndex:
 
     def __len__(self):
         return self.count
+
+
+class Pins:
+    """Blobs kept without a name: uploads to /upload, blobs adopted at startup.
+
+    Most are kept until deleted (a set of the first 16 bytes of their
+    sha256 as ints: about 90 bytes a blob, where a dict of hex strings to
+    floats cost 440); those with a retention are few and sit in a dict
+    of sha256 -> retain_until, which the sweeper walks.  P journal records
+    of kept-forever pins may name a 32-hex prefix of the sha256.
+    """
+
+    def __init__(self):
+        self.forever = set()
+        self.until = {}
+
+    @staticmethod
+    def key(sha256):
+        return int(sha256[:32], 16)
+
+    def __contains__(self, sha256):
+        return sha256 in self.until or self.key(sha256) in self.forever
+
+    def add(self, sha256, retain_until=0.0):
+        """Pin; True when this changed anything (a pin is never shortened)."""
+        key = self.key(sha256)
+        if key in self.forever:
+            return False
+        if not retain_until:
+            self.forever.add(key)
+            self.until.pop(sha256, None)
+            return True
+        if self.until.get(sha256, 0.0) >= retain_until:
+            return False
+        self.until[sha256] = retain_until
+        return True
+
+    def discard(self, sha256):
+        """Unpin; True when it was pinned."""
+        key = self.key(sha256)
+        was = key in self.forever or sha256 in self.until
+        self.forever.discard(key)
+        self.until.pop(sha256, None)
+        return was
+
+    def records(self, now):
+        """P journal lines for every pin (merging journals)."""
+        for key in list(self.forever):
+            yield "P\t%.3f\t%032x\t0.000\n" % (now, key)
+        for sha256, until in list(self.until.items()):
+            yield "P\t%.3f\t%s\t%.3f\n" % (now, sha256, until)
 
 
 class Journal:
@@ -1162,7 +1213,7 @@ class Store:
         self.staging_dir = os.path.join(self.root, "staging", self.process_id)
         makedirs(self.staging_dir)
         self.index = ChecksumIndex(self.algorithms)
-        self.pins = {}        # sha256 hex -> retain_until (0: forever)
+        self.pins = Pins()
         self.expiries = {}    # relpath -> retain_until, names that expire
         self.derived = {}     # sha256 -> sha256 of its decompressed blob
         self.ready = threading.Event()       # lookups may trust the index
@@ -1219,6 +1270,7 @@ class Store:
         except Exception:  # the index stands; only the cleanup is missed
             self.log("reconciling with the disk failed:\n" + traceback.format_exc())
         finally:
+            _return_free_memory()
             self.reconciled.set()
 
     def refresh_journals(self):
@@ -1268,9 +1320,9 @@ class Store:
                     pass
         elif kind == "P":
             until = float(fields[1]) if len(fields) > 1 else 0.0
-            self.pins[fields[0]] = until
+            self.pins.add(fields[0], until)
         elif kind == "U":
-            self.pins.pop(fields[0], None)
+            self.pins.discard(fields[0])
         elif kind == "D" and len(fields) >= 2:
             self.derived[fields[0]] = fields[1]
         elif kind == "E" and len(fields) >= 2:
@@ -1349,8 +1401,10 @@ class Store:
                         if len(batch) >= 10000:
                             self._append_lines(batch)
             now = utc_now()
-            batch += ["P\t%.3f\t%s\t%.3f\n" % (now, sha256, until)
-                      for sha256, until in list(self.pins.items())]
+            for line in self.pins.records(now):
+                batch.append(line)
+                if len(batch) >= 10000:
+                    self._append_lines(batch)
             batch += ["E\t%.3f\t%.3f\t%s\n" % (now, until, relpath)
                       for relpath, until in list(self.expiries.items())]
             batch += ["D\t%.3f\t%s\t%s\n" % (now, source, derived)
@@ -1382,8 +1436,8 @@ class Store:
             st = os.stat(self.blob_path(sha256))
         except OSError:
             return None  # deleted since
-        if st.st_nlink == 1:
-            orphans.append(sha256)  # release() checks pins and sources
+        if st.st_nlink == 1 and sha256 not in self.pins:
+            orphans.append(sha256)  # release() checks again, and sources
         return sha256
 
     def _append_lines(self, lines):
@@ -1501,11 +1555,8 @@ class Store:
 
     def pin(self, sha256, retain_until=0.0):
         """Keep a blob without a name (uploads to /upload, derived blobs)."""
-        current = self.pins.get(sha256)
-        if current == 0.0 or (current is not None and retain_until and current >= retain_until):
-            return
-        self.journal.write("P", "%.3f" % utc_now(), sha256, "%.3f" % retain_until)
-        self.pins[sha256] = retain_until
+        if self.pins.add(sha256, retain_until):
+            self.journal.write("P", "%.3f" % utc_now(), sha256, "%.3f" % retain_until)
 
     def add_derived(self, source, derived):
         """``derived`` was decompressed from ``source``: kept while it is."""
@@ -1514,7 +1565,7 @@ class Store:
             self.derived[source] = derived
 
     def unpin(self, sha256):
-        if self.pins.pop(sha256, None) is not None:
+        if self.pins.discard(sha256):
             self.journal.write("U", "%.3f" % utc_now(), sha256)
 
     def set_expiry(self, relpath, retain_until):
@@ -1674,6 +1725,20 @@ class Store:
 
 
 _HEX = re.compile(r"^[0-9a-fA-F]+$")
+
+
+def _return_free_memory():
+    """Give the memory startup used and freed back to the system.
+
+    Reading journals and scanning the blob tree leave freed heap behind
+    that glibc keeps; RSS after reconciling 100,000 blobs was 511 bytes a
+    blob against 282 when the index was ready.  Best effort: glibc only.
+    """
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError, ImportError):
+        pass
 
 
 def _scandirs(path):
@@ -2417,8 +2482,8 @@ class Sweeper(threading.Thread):
                 store.remove_name(path)
             store.set_expiry(relpath, 0)
             expired += 1
-        for sha256, until in list(store.pins.items()):
-            if until and until <= now:
+        for sha256, until in list(store.pins.until.items()):
+            if until <= now:
                 store.unpin(sha256)
                 store.release(sha256)
                 expired += 1
