@@ -100,6 +100,10 @@ MAX_CHUNK_LINE = 1024               # bytes of a chunk-size line (extensions)
 MAX_TRAILERS = 8192                 # bytes of chunked trailers in all
 MAX_NAME_BYTES = 255                # one path segment (NAME_MAX on Linux)
 MAX_PATH_BYTES = 4096               # a whole relative path (PATH_MAX)
+MAX_LINKS_FOLLOWED = 40             # symlinks of an archive one resolution
+                                    # may follow (the kernel's ELOOP limit):
+                                    # "l1 -> l0/l0/..", "l2 -> l1/l1/.." costs
+                                    # 10**depth steps without it
 MAX_JSON_LIST = 10000               # members listed in a response's
                                     # "extracted.files" (count says all)
 LISTING_PAGE = 1000                 # rows per HTML listing page (a browser
@@ -2126,12 +2130,14 @@ class TreeBuilder:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def _resolve_in_tree(members, path, target, depth=0):
+def _resolve_in_tree(members, path, target, budget=None):
     """Segments ``path -> target`` resolves to inside the tree, or None.
 
     Follows symlink members on the way (``a/s -> .`` makes ``a/s/s/..``
-    shallower than it reads), at most 16 deep, like the kernel's limit.
+    shallower than it reads), at most MAX_LINKS_FOLLOWED links in all;
+    past that, or above the tree's root, the answer is None.
     """
+    budget = [MAX_LINKS_FOLLOWED] if budget is None else budget
     stack = path.split("/")[:-1]
     for segment in target.replace("\\", "/").split("/"):
         if segment in ("", "."):
@@ -2144,9 +2150,10 @@ def _resolve_in_tree(members, path, target, depth=0):
         stack.append(segment)
         member = members.get("/".join(stack))
         if isinstance(member, tuple) and member[0] == "symlink":
-            if depth >= 16:
+            budget[0] -= 1
+            if budget[0] < 0:
                 return None
-            stack = _resolve_in_tree(members, "/".join(stack), member[1], depth + 1)
+            stack = _resolve_in_tree(members, "/".join(stack), member[1], budget)
             if stack is None:
                 return None
     return stack
