@@ -834,6 +834,21 @@ class StoreTest(unittest.TestCase):
             self.assertEqual(reloaded.lookup(expected[algorithm]), sha256, algorithm)
         self.assertEqual(len(reloaded.index), 1)
 
+    def test_pins_across_journals_follow_time_order(self):
+        """A pin kept forever is applied as it is read; an unpin from another
+        journal wins only over pins older than itself."""
+        store = self.make_store()
+        index = os.path.join(self.tmp.name, "index")
+        again, gone = "a" * 64, "b" * 64
+        with open(os.path.join(index, "dead-a.log"), "w") as handle:
+            handle.write("P\t100.000\t%s\t0.000\nP\t100.000\t%s\t0.000\n" % (again, gone))
+            handle.write("P\t300.000\t%s\t0.000\n" % again)  # pinned again after the unpin
+        with open(os.path.join(index, "dead-b.log"), "w") as handle:
+            handle.write("U\t200.000\t%s\nU\t200.000\t%s\n" % (again, gone))
+        store.refresh_journals()
+        self.assertIn(again, store.pins)
+        self.assertNotIn(gone, store.pins)
+
     def test_checksum_index(self):
         """add/get/len: a digest maps to its blob's sha256 (or a prefix of it
         of at least 16 bytes, which the blob directory completes)."""
