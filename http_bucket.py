@@ -25,17 +25,13 @@ import bisect
 import base64
 import binascii
 import bz2
-import calendar
 import collections
 import email.utils
 import errno
 import fcntl
-import gzip
 import hashlib
-import heapq
 import hmac
 import html
-import io
 import json
 import lzma
 import mimetypes
@@ -47,7 +43,6 @@ import secrets
 import shutil
 import signal
 import socket
-import socketserver
 import ssl
 import stat
 import sys
@@ -186,10 +181,6 @@ class RangeNotSatisfiable(BucketError):
     status = 416
 
 
-class Unavailable(BucketError):
-    status = 503
-
-
 class InsufficientStorage(BucketError):
     status = 507
 
@@ -227,13 +218,6 @@ def parse_size(text):
         raise ValueError("expected <int> or <int>kb|mb|gb, got %r" % (text,))
     unit = (match.group(2) or "").lower()[:1]
     return int(match.group(1)) * _SIZE_UNITS[unit]
-
-
-def format_size(count):
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if count < 1024 or unit == "TiB":
-            return ("%d %s" if unit == "B" else "%.1f %s") % (count, unit)
-        count /= 1024.0
 
 
 _UNSAFE_NAME_CHARS = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|]')
@@ -391,10 +375,6 @@ def _positive_float(text):
     return value
 
 
-def _size_or_zero(text):
-    return parse_size(text)
-
-
 def _digests(text):
     names = [name.strip().lower() for name in str(text).split(",") if name.strip()]
     for name in names:
@@ -451,7 +431,7 @@ SETTINGS = [
             _digests, "ALG,..", "hashlib algorithms computed for every blob "
             "(sha256 always)", False),
     Setting("max_content_length", ("--max-content-length",), "MAX_CONTENT_LENGTH",
-            "16gb", _size_or_zero, "BYTES",
+            "16gb", parse_size, "BYTES",
             "largest request body, <int> or <int>kb|mb|gb; 0 = no limit", False),
     Setting("max_members", ("--max-members",), "BUCKET_MAX_MEMBERS", "100000",
             _positive_int, "COUNT", "archive members expanded at most", False),

@@ -47,7 +47,6 @@ import signal
 import socket
 import tempfile
 import threading
-import traceback
 import unittest
 import urllib.parse
 
@@ -599,7 +598,6 @@ class MultipartFuzz(unittest.TestCase):
         boundary = case["boundary"]
         body = data.draw(mutated(case["body"], boundary), label="mutated body")
         cuts = data.draw(cut_points(len(body)), label="cuts")
-        limit = http_bucket.MAX_PART_HEADERS
         with no_hang():
             single = run_ours(body, boundary)
             split = run_ours(body, boundary, cuts)
