@@ -634,6 +634,9 @@ def parse_header_params(value):
         key, raw = match.group(1).lower(), match.group(2).strip()
         if raw.startswith('"') and raw.endswith('"') and len(raw) >= 2:
             raw = re.sub(r'\\(["\\])', r"\1", raw[1:-1])
+            # Browsers (HTML's multipart/form-data encoding) send '"', CR
+            # and LF in names as %22, %0D, %0A; nothing else is escaped.
+            raw = raw.replace("%22", '"').replace("%0D", "\r").replace("%0A", "\n")
         if key.endswith("*"):
             decoded = _decode_rfc5987(raw)
             if decoded is not None:
