@@ -1206,6 +1206,7 @@ class Store:
         self.pins = Pins()
         self.expiries = {}    # relpath -> retain_until, names that expire
         self.derived = {}     # sha256 -> sha256 of its decompressed blob
+        self.sources = collections.Counter()  # decompressed sha256 -> sources
         self.ready = threading.Event()       # lookups may trust the index
         self.reconciled = threading.Event()  # blob tree scanned, journals merged
         self.journal_offsets = {}
@@ -1341,7 +1342,7 @@ class Store:
         elif kind == "U":
             self.pins.discard(fields[0])
         elif kind == "D" and len(fields) >= 2:
-            self.derived[fields[0]] = fields[1]
+            self._set_derived(fields[0], fields[1])
         elif kind == "E" and len(fields) >= 2:
             until = float(fields[0])
             if until:
@@ -1579,7 +1580,20 @@ class Store:
         """``derived`` was decompressed from ``source``: kept while it is."""
         if self.derived.get(source) != derived:
             self.journal.write("D", "%.3f" % utc_now(), source, derived)
-            self.derived[source] = derived
+            self._set_derived(source, derived)
+
+    def _set_derived(self, source, derived):
+        self._pop_derived(source)
+        self.derived[source] = derived
+        self.sources[derived] += 1
+
+    def _pop_derived(self, source):
+        derived = self.derived.pop(source, None)
+        if derived is not None:
+            self.sources[derived] -= 1
+            if self.sources[derived] <= 0:
+                del self.sources[derived]
+        return derived
 
     def unpin(self, sha256):
         if self.pins.discard(sha256):
@@ -1653,7 +1667,7 @@ class Store:
         blob is first moved aside, and put back if a link appeared.
         """
         for attempt in range(2):
-            if sha256 in self.pins or sha256 in self.derived.values():
+            if sha256 in self.pins or sha256 in self.sources:
                 return False
             if attempt == 0:
                 self.refresh_journals()  # another process may have pinned it
@@ -1685,7 +1699,7 @@ class Store:
         tree = self.tree_path(sha256)
         if os.path.isdir(tree):
             self.remove_tree(tree)
-        derived = self.derived.pop(sha256, None)
+        derived = self._pop_derived(sha256)
         if derived:
             self.release(derived)
 
