@@ -102,8 +102,21 @@ MAX_LINKS_FOLLOWED = 40             # symlinks of an archive one resolution
                                     # may follow (the kernel's ELOOP limit):
                                     # "l1 -> l0/l0/..", "l2 -> l1/l1/.." costs
                                     # 10**depth steps without it
+MAX_BOUNDARY = 70                   # characters of a multipart boundary
+                                    # (RFC 2046 5.1.1)
+MAX_BOUNDARY_PADDING = 1024         # spaces/tabs after a boundary (RFC 2046
+                                    # allows "transport padding")
 MAX_JSON_LIST = 10000               # members listed in a response's
                                     # "extracted.files" (count says all)
+MAX_RETAIN_DAYS = 36500             # a retention of 100 years: beyond it a
+                                    # number is a mistake, not a wish
+MAX_REPLICA_NUMBER = 100000         # <name>.<stamp>.<n> tried per minute
+MERGE_BATCH = 10000                 # journal lines written per write when
+                                    # folding dead journals (memory bound)
+NAME_DIGEST_CACHE = 10000           # inodes whose digests are remembered
+                                    # where blobs have no digests xattr
+NAMES_IN_CONFLICT = 20              # names listed by a 409 of DELETE
+                                    # /checksum (the count says all)
 LISTING_PAGE = 1000                 # rows per HTML listing page (a browser
                                     # slows past a few thousand); JSON gives
                                     # all entries unless ?limit= is given
@@ -136,12 +149,10 @@ class BucketError(Exception):
 
     status = 500
 
-    def __init__(self, message, headers=None, status=None):
+    def __init__(self, message, headers=None):
         super().__init__(message)
         self.message = message
         self.headers = headers or {}
-        if status is not None:
-            self.status = status
 
 
 class BadRequest(BucketError):
@@ -184,6 +195,22 @@ class RangeNotSatisfiable(BucketError):
     status = 416
 
 
+class URITooLong(BucketError):
+    status = 414
+
+
+class ExpectationFailed(BucketError):
+    status = 417
+
+
+class HeaderFieldsTooLarge(BucketError):
+    status = 431
+
+
+class ServiceUnavailable(BucketError):
+    status = 503
+
+
 class InsufficientStorage(BucketError):
     status = 507
 
@@ -196,10 +223,14 @@ class ConfigError(Exception):
     """A setting with a bad value; the message names the setting."""
 
 
-def storage_error(exc):
-    """Map an OSError from the store to a BucketError, or re-raise it."""
+def raise_storage_error(exc):
+    """Raise what an OSError of the store means for the client.
+
+    A full disk or quota (ENOSPC, EDQUOT) becomes InsufficientStorage (507);
+    any other error is raised as it is.  Always raises.
+    """
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return InsufficientStorage("not enough disk space to store the upload")
+        raise InsufficientStorage("not enough disk space to store the upload") from exc
     raise exc
 
 
@@ -223,30 +254,6 @@ def parse_size(text):
     return int(match.group(1)) * _SIZE_UNITS[unit]
 
 
-_UNSAFE_NAME_CHARS = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|]')
-
-
-def safe_filename(name, default="upload"):
-    """A client's file name reduced to one harmless path segment.
-
-    Directory parts (either slash) are dropped, control and shell-hostile
-    characters become ``_``, leading dots are removed (no ``..``, no hidden
-    files), and the result is cut to MAX_NAME_BYTES of UTF-8.
-    """
-    name = (name or "").replace("\\", "/").rsplit("/", 1)[-1]
-    name = _UNSAFE_NAME_CHARS.sub("_", name).strip().lstrip(".").strip()
-    if not name:
-        return default
-    encoded = name.encode("utf-8", "surrogatepass")
-    if len(encoded) > MAX_NAME_BYTES:
-        stem, ext = posixpath.splitext(name)
-        ext = ext[:16]
-        room = MAX_NAME_BYTES - len(ext.encode("utf-8"))
-        stem = stem.encode("utf-8")[:room].decode("utf-8", "ignore")
-        name = stem + ext
-    return name
-
-
 def check_segment(segment, what="path"):
     """Refuse (BadRequest) a path segment that could leave its directory."""
     if segment in ("", ".", ".."):
@@ -258,6 +265,52 @@ def check_segment(segment, what="path"):
     if len(segment.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
         raise BadRequest("%s segment longer than %d bytes" % (what, MAX_NAME_BYTES))
     return segment
+
+
+RESERVED_PREFIX = ".~"  # the store's own temporary names in every directory
+
+
+def check_new_name(segment, what="name"):
+    """A segment of a name a client creates: check_segment, and not one of
+    the store's temporary names (``.~...``, hidden from listings)."""
+    check_segment(segment, what)
+    if segment.startswith(RESERVED_PREFIX):
+        raise BadRequest("%s %r: names starting with %r are reserved"
+                         % (what, segment, RESERVED_PREFIX))
+    return segment
+
+
+def client_filename(raw, what="file name"):
+    """The one rule for a file name a client sends, however it arrives.
+
+    A multipart ``filename`` may carry the sender's directories (old
+    browsers send ``C:\\dir\\a.txt``): only the part after the last slash
+    or backslash is kept.  The rest is checked like a URL path segment
+    (check_new_name): refused with BadRequest, never rewritten, so
+    ``PUT /upload/<name>`` and ``-F file=@<name>`` store the same name.
+    """
+    name = (raw or "").replace("\\", "/").rsplit("/", 1)[-1]
+    return check_new_name(name, what)
+
+
+_UNSAFE_SEGMENT_CHARS = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|]')
+
+
+def header_segment(value):
+    """A request header's value made one harmless directory name (replicas).
+
+    Header values are free text: separators, control and shell-hostile
+    characters become ``_``, leading dots go (no ``..``, no hidden or
+    reserved names), the result is cut to MAX_NAME_BYTES of UTF-8; ``_``
+    when nothing is left.
+    """
+    name = _UNSAFE_SEGMENT_CHARS.sub("_", value or "").strip().lstrip(".").strip()
+    if not name:
+        return "_"
+    encoded = name.encode("utf-8", "surrogatepass")
+    if len(encoded) > MAX_NAME_BYTES:
+        name = encoded[:MAX_NAME_BYTES].decode("utf-8", "ignore")
+    return name
 
 
 def split_url_path(raw, what="path"):
@@ -357,6 +410,13 @@ def json_bytes(obj):
 # ===========================================================================
 
 
+def _port(text):
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError("a TCP port is 0 to 65535 (0: any free port)")
+    return value
+
+
 def _positive_int(text):
     value = int(text)
     if value <= 0:
@@ -419,7 +479,7 @@ Setting = collections.namedtuple(
 #: Every setting: its flags, its environment variable, its default (as text,
 #: parsed like a user's value), and what it means.  Flags win over variables.
 SETTINGS = [
-    Setting("port", ("port",), "BUCKET_PORT", "8000", _positive_int, "PORT",
+    Setting("port", ("port",), "BUCKET_PORT", "8000", _port, "PORT",
             "TCP port to listen on", False),
     Setting("bind", ("-b", "--bind"), "BUCKET_BIND", "", str, "ADDRESS",
             "address to bind; empty = all interfaces", False),
@@ -561,11 +621,6 @@ class BodyReader:
                 self.finished = True
         return data
 
-    def drain(self):
-        """Read and drop the rest of the body (to keep the connection)."""
-        while self.read():
-            pass
-
     def _read_exactly(self, size):
         if self.guard:
             self.guard[0].watch(self.guard[1], size / MIN_BODY_RATE)
@@ -602,6 +657,9 @@ class BodyReader:
         if not size_text or any(c not in b"0123456789abcdefABCDEF" for c in size_text):
             raise BadRequest("chunked body: bad chunk size %r" % size_text[:40].decode("latin-1"))
         self.remaining = int(size_text, 16)
+        if self.limit and self.received + self.remaining > self.limit:
+            raise TooLarge("chunked body: a chunk of %d bytes would take the body over "
+                           "MAX_CONTENT_LENGTH (%d bytes)" % (self.remaining, self.limit))
         if self.remaining == 0:
             self._skip_trailers()
             self.finished = True
@@ -679,8 +737,8 @@ class MultipartParser:
     PREAMBLE, AFTER_DELIMITER, HEADERS, BODY, EPILOGUE = range(5)
 
     def __init__(self, boundary, max_header_size=MAX_PART_HEADERS):
-        if not boundary or len(boundary) > 70:
-            raise BadRequest("multipart boundary must be 1 to 70 characters")
+        if not boundary or len(boundary) > MAX_BOUNDARY:
+            raise BadRequest("multipart boundary must be 1 to %d characters" % MAX_BOUNDARY)
         if isinstance(boundary, str):
             boundary = boundary.encode("latin-1")
         self.delimiter = b"\r\n--" + boundary
@@ -772,7 +830,7 @@ class MultipartParser:
         end = pos
         while end < len(data) and data[end] in b" \t":  # transport padding
             end += 1
-            if end - pos > 1024:
+            if end - pos > MAX_BOUNDARY_PADDING:
                 raise BadRequest("multipart boundary line too long")
         rest = bytes(data[end:end + 2])
         if rest == b"\r\n":
@@ -945,7 +1003,7 @@ class StagedBlob:
                 written = os.write(self.fd, view)
                 view = view[written:]
         except OSError as exc:
-            raise storage_error(exc)
+            raise_storage_error(exc)
         self.digester.update(data)
         self.size += len(data)
 
@@ -966,7 +1024,7 @@ class StagedBlob:
                 os.fsync(self.fd)
             os.fchmod(self.fd, 0o444)  # blobs are read-only on disk
         except OSError as exc:
-            raise storage_error(exc)
+            raise_storage_error(exc)
         finally:
             os.close(self.fd)
             self.fd = None
@@ -1098,12 +1156,28 @@ class Pins:
         self.until.pop(sha256, None)
         return was
 
-    def records(self, now):
+    def state(self, sha256):
+        """What ``restore`` needs to undo a change to this blob's pin."""
+        return self.key(sha256) in self.forever, self.until.get(sha256)
+
+    def restore(self, sha256, state):
+        forever, until = state
+        key = self.key(sha256)
+        if forever:
+            self.forever.add(key)
+        else:
+            self.forever.discard(key)
+        if until is None:
+            self.until.pop(sha256, None)
+        else:
+            self.until[sha256] = until
+
+    def records(self):
         """P journal lines for every pin (merging journals)."""
         for key in list(self.forever):
-            yield "P\t%.3f\t%032x\t0.000\n" % (now, key)
+            yield Journal.line("P", "%032x" % key, "0.000")
         for sha256, until in list(self.until.items()):
-            yield "P\t%.3f\t%s\t%.3f\n" % (now, sha256, until)
+            yield Journal.line("P", sha256, "%.3f" % until)
 
 
 class Journal:
@@ -1117,11 +1191,17 @@ class Journal:
         U <time> <sha256>                     unpinned
         D <time> <sha256> <derived sha256>    decompressed from it: goes with it
         E <time> <retain_until> <relpath>     a name's expiry (0: none)
+        R <time> <sha256> <reason>            blob removed (deleted, expired,
+                                              evicted, undone, reclaimed)
 
     The file is locked (fcntl) while its process lives: an unlockable
     journal belongs to a live process.  Lines are written whole with one
-    O_APPEND write before the thing they describe becomes visible.
+    O_APPEND write: a B line before the blob it describes becomes visible,
+    an R line after the blob is gone, the other lines of a request at its
+    commit point (Transaction).
     """
+
+    KINDS = ("B", "P", "U", "D", "E", "R")
 
     def __init__(self, directory, process_id):
         self.directory = directory
@@ -1130,16 +1210,24 @@ class Journal:
         fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         self.lock = threading.Lock()
 
-    def write(self, *fields):
-        line = "\t".join(str(field) for field in fields) + "\n"
+    @staticmethod
+    def line(kind, *fields):
+        """One journal line: the kind, the time now, the fields."""
+        return "%s\t%.3f\t%s\n" % (kind, utc_now(), "\t".join(str(field) for field in fields))
+
+    def write(self, kind, *fields):
+        self.write_lines([self.line(kind, *fields)])
+
+    def write_lines(self, lines):
+        """Append whole lines with one write; raises InsufficientStorage
+        when the disk is full."""
         try:
-            os.write(self.fd, line.encode("utf-8", "surrogateescape"))
+            os.write(self.fd, "".join(lines).encode("utf-8", "surrogateescape"))
         except OSError as exc:
-            raise storage_error(exc)
+            raise_storage_error(exc)
 
     def blob(self, size, digests):
-        self.write("B", "%.3f" % utc_now(), size,
-                   *("%s=%s" % item for item in sorted(digests.items())))
+        self.write("B", size, *("%s=%s" % item for item in sorted(digests.items())))
 
     def close(self):
         if self.fd is not None:
@@ -1167,7 +1255,7 @@ def parse_journal_line(line):
     if not line.endswith("\n"):
         return None  # torn by a crash mid-write: ignored
     fields = line[:-1].split("\t")
-    if len(fields) < 3 or fields[0] not in ("B", "P", "U", "E", "D"):
+    if len(fields) < 3 or fields[0] not in Journal.KINDS:
         return None
     try:
         return fields[0], float(fields[1]), fields[2:]
@@ -1175,15 +1263,320 @@ def parse_journal_line(line):
         return None
 
 
+class JournalSet:
+    """Every process's journal as this process reads them.
+
+    ``refresh`` applies what the other journals gained since the last call
+    to the store's memory (index, pins, expiries, derivations); ``load``
+    is the startup: all journals, then ``reconcile``: blobs on disk that no
+    journal records are hashed and kept, and the journals of dead
+    processes are folded into ours.
+    """
+
+    def __init__(self, store):
+        self.store = store
+        self.offsets = {}  # journal path -> bytes read so far
+        self.lock = threading.Lock()
+
+    def load(self):
+        """Rebuild the index from the journals, then reconcile with the disk.
+
+        Runs in a background thread at startup; sets ``store.ready`` after
+        the journals are read, so lookups are served while the tree is
+        scanned, and ``store.reconciled`` at the end.
+        """
+        store = self.store
+        started = time.monotonic()
+        self.refresh()
+        store.load_seconds = time.monotonic() - started
+        store.ready.set()
+        store.log("indexed %d blobs in %.3f s" % (len(store.index), store.load_seconds))
+        try:
+            found = self.scan_blobs()
+            if found:
+                store.log("hashed %d blobs found without a record" % found)
+            self.merge_dead()
+        except Exception:  # the index stands; only the cleanup is missed
+            store.log("reconciling with the disk failed:\n" + traceback.format_exc())
+        finally:
+            _return_free_memory()
+            store.reconciled.set()
+
+    def refresh(self):
+        """Read what other processes (and dead ones) appended since last time."""
+        own = self.store.journal.path
+        with self.lock:
+            events, ranges = [], []
+            for entry in os.scandir(self.store.index_dir):
+                if not entry.name.endswith(".log") or entry.path == own:
+                    continue
+                start = self.offsets.get(entry.path, 0)
+                try:
+                    grown = entry.stat().st_size > start
+                except FileNotFoundError:
+                    continue
+                if grown:
+                    self._read(entry.path, events)
+                    ranges.append((entry.path, start, self.offsets[entry.path]))
+            events.sort(key=lambda event: event[1])
+            for kind, _, fields in events:
+                self._apply(kind, fields)
+            unpinned = {}
+            for kind, when, fields in events:
+                if kind == "U":
+                    key = Pins.key(fields[0])
+                    unpinned[key] = max(when, unpinned.get(key, 0.0))
+            if unpinned:
+                self._repin_later(ranges, unpinned)
+
+    def _repin_later(self, ranges, unpinned):
+        """Pins kept forever are applied as they are read (collecting them
+        for a sort cost 300 bytes a blob of RSS); an unpin applied after
+        them in time order is undone here when the same blob was pinned
+        again later, by re-reading what was read for those keys alone."""
+        pins = self.store.pins
+        for path, start, end in ranges:
+            with open(path, "rb") as handle:
+                handle.seek(start)
+                for raw in handle.read(end - start).split(b"\n"):
+                    if not raw.startswith(b"P\t"):
+                        continue
+                    parsed = parse_journal_line(raw.decode("utf-8", "replace") + "\n")
+                    if parsed is None or len(parsed[2]) < 2 or float(parsed[2][1]):
+                        continue
+                    key = Pins.key(parsed[2][0])
+                    if parsed[1] > unpinned.get(key, parsed[1]):
+                        pins.add(parsed[2][0])
+
+    def _read(self, path, events):
+        offset = self.offsets.get(path, 0)
+        try:
+            with open(path, "r", encoding="utf-8", errors="surrogateescape", newline="\n") as handle:
+                handle.seek(offset)
+                for line in handle:
+                    parsed = parse_journal_line(line)
+                    if not line.endswith("\n"):
+                        break  # a line still being written: read it next time
+                    offset += len(line.encode("utf-8", "surrogateescape"))
+                    if parsed is None:
+                        continue
+                    if parsed[0] == "B" or (parsed[0] == "P" and _forever(parsed[2])):
+                        self._apply(*parsed[::2])  # order-free: applied at once
+                    else:
+                        events.append(parsed)
+        except FileNotFoundError:
+            pass
+        self.offsets[path] = offset
+
+    def _apply(self, kind, fields):
+        store = self.store
+        if kind == "B":
+            digests = dict(field.split("=", 1) for field in fields[1:] if "=" in field)
+            if "sha256" in digests and len(digests["sha256"]) == 64:
+                try:
+                    store.index.add(digests)
+                except ValueError:
+                    pass
+        elif kind == "P":
+            until = float(fields[1]) if len(fields) > 1 else 0.0
+            store.pins.add(fields[0], until)
+        elif kind == "U":
+            store.pins.discard(fields[0])
+        elif kind == "D" and len(fields) >= 2:
+            store.set_derived(fields[0], fields[1])
+        elif kind == "E" and len(fields) >= 2:
+            store.expire_in_memory(fields[1], float(fields[0]))
+
+    def scan_blobs(self):
+        """Hash blobs that have no record (copied in, or a lost journal)."""
+        found = 0
+        recorded = self.store.index.recorded_keys()
+        blob_root = os.path.join(self.store.root, "blob")
+        for level1 in _scandirs(blob_root):
+            for level2 in _scandirs(level1.path):
+                for entry in os.scandir(level2.path):
+                    if len(entry.name) != 64 or not entry.is_file(follow_symlinks=False):
+                        continue
+                    try:
+                        raw = bytes.fromhex(entry.name)
+                    except ValueError:
+                        continue
+                    key = int.from_bytes(raw[:8], "big")  # as recorded: int(hex[:16], 16)
+                    spot = bisect.bisect_left(recorded, key)
+                    if spot < len(recorded) and recorded[spot] == key:
+                        continue
+                    if self._adopt(entry.path, entry.name):
+                        found += 1
+        return found
+
+    def _adopt(self, path, name):
+        store = self.store
+        digester = Digester(store.algorithms)
+        try:
+            with open(path, "rb") as handle:
+                for data in iter(lambda: handle.read(CHUNK_SIZE), b""):
+                    digester.update(data)
+        except OSError:
+            digester.close()
+            return False
+        digests = digester.hexdigests()
+        if digests["sha256"] != name:
+            store.log("blob %s holds content with sha256 %s: left alone, run --verify"
+                      % (name, digests["sha256"]))
+            return False
+        store.journal.blob(digester.size, digests)
+        store.index.add(digests)
+        store.pin(name)  # put there by hand: kept until deleted by checksum
+        return True
+
+    def merge_dead(self):
+        """Fold the journals of dead processes into ours, then remove them.
+
+        Keeps the records of blobs still on disk and the pins, expiries and
+        derivations in force, so journals do not grow with every restart;
+        streamed in batches, so memory stays flat however many blobs there
+        are.  A blob such a journal recorded that has no name, pin or source
+        (st_nlink 1: a live upload always holds a second link, its staged
+        file, until it is named) was left by a process killed mid-upload,
+        and is reclaimed.
+        """
+        store = self.store
+        dead = [entry.path for entry in os.scandir(store.index_dir)
+                if entry.name.endswith(".log") and entry.path != store.journal.path
+                and not Journal.owner_alive(entry.path)]
+        if not dead:
+            return
+        self.refresh()  # everything in them is applied
+        seen, orphans, batch = set(), [], []
+        try:
+            for path in dead:
+                with open(path, "r", encoding="utf-8", errors="surrogateescape") as handle:
+                    for line in handle:
+                        if self._live_record(line, seen, orphans):
+                            batch.append(line)
+                        if len(batch) >= MERGE_BATCH:
+                            self._append(batch)
+            for line in store.pins.records():
+                batch.append(line)
+                if len(batch) >= MERGE_BATCH:
+                    self._append(batch)
+            batch += [Journal.line("E", "%.3f" % until, relpath)
+                      for relpath, until in list(store.expiries.items())]
+            batch += [Journal.line("D", source, derived)
+                      for source, derived in list(store.derived.items())]
+            self._append(batch)
+            os.fsync(store.journal.fd)
+        except OSError as exc:
+            store.log("could not merge dead journals: %s" % exc)
+            return
+        for path in dead:
+            _unlink_quietly(path)
+            self.offsets.pop(path, None)
+        reclaimed = sum(store.release(sha256, "reclaimed") for sha256 in orphans)
+        if reclaimed:
+            store.log("reclaimed %d blobs left without a name by a process that died "
+                      "mid-upload" % reclaimed)
+
+    def _live_record(self, line, seen, orphans):
+        """The sha256 of a B line whose blob is still on disk, else None."""
+        parsed = parse_journal_line(line)
+        if parsed is None or parsed[0] != "B":
+            return None
+        sha256 = _field_digest(parsed[2], "sha256")
+        key = sha256 and int(sha256[:16], 16)
+        if not key or key in seen:
+            return None
+        seen.add(key)
+        try:
+            st = os.stat(self.store.blob_path(sha256))
+        except OSError:
+            return None  # deleted since
+        if st.st_nlink == 1 and sha256 not in self.store.pins:
+            orphans.append(sha256)  # release() checks again, and sources
+        return sha256
+
+    def _append(self, lines):
+        journal = self.store.journal
+        with journal.lock:
+            os.write(journal.fd, "".join(lines).encode("utf-8", "surrogateescape"))
+        del lines[:]
+
+
+class Transaction:
+    """The changes one request makes to the store: committed or taken back whole.
+
+    Each step registers how to undo itself (``on_undo``) as soon as it is
+    done.  The journal lines that describe the request's outcome (pins,
+    expiries, derivations) are queued (``record``) and written with one
+    write by ``commit``, the commit point; in-memory effects that must wait
+    for it are queued with ``on_commit``, and content a replaced name no
+    longer uses is released after it (``release_later``).  ``rollback``
+    undoes every step in reverse order; an undo step that fails is logged
+    and the others still run.  As a context manager: commit when the block
+    ends normally, rollback (and re-raise) on any exception.
+    """
+
+    def __init__(self, store):
+        self.store = store
+        self._undo = []
+        self._lines = []
+        self._after = []
+        self._release = []
+
+    def on_undo(self, func, *args):
+        self._undo.append((func, args))
+
+    def record(self, kind, *fields):
+        self._lines.append(Journal.line(kind, *fields))
+
+    def on_commit(self, func, *args):
+        self._after.append((func, args))
+
+    def release_later(self, sha256):
+        self._release.append(sha256)
+
+    def commit(self):
+        if self._lines:
+            self.store.journal.write_lines(self._lines)
+        self._undo = []
+        for func, args in self._after:
+            func(*args)
+        for sha256 in self._release:
+            try:
+                self.store.release(sha256, "deleted")
+            except OSError as exc:  # committed already: the sweep retries
+                self.store.log("releasing %s after a commit failed: %s" % (sha256, exc))
+
+    def rollback(self):
+        undo, self._undo = self._undo, []
+        for func, args in reversed(undo):
+            try:
+                func(*args)
+            except Exception:
+                self.store.log("undoing %s failed:\n%s" % (
+                    getattr(func, "__name__", func), traceback.format_exc()))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if kind is None:
+            self.commit()
+        else:
+            self.rollback()
+        return False
+
+
 class Store:
     """ARCHIVE_DIR: blobs, their names, this process's staging and journal.
 
     The directory is the truth.  The index in memory is rebuilt from the
-    journals in ``index/`` by a background thread (``ready`` is set when
-    lookups may trust it), then the blob tree is scanned for content that
-    has no record (hashed once) and journals of dead processes are merged.
-    Lookups check the disk before answering yes, and re-read the other
-    processes' journals before answering no.
+    journals in ``index/`` by a background thread (JournalSet.load;
+    ``ready`` is set when lookups may trust it).  Lookups check the disk
+    before answering yes, and re-read the other processes' journals before
+    answering no.  Methods that change the store take an optional
+    Transaction: with one, they register their undo step and queue their
+    journal lines; without, they take effect (and are journaled) at once.
     """
 
     TOP_DIRS = ("blob", "explode", "replica", "files", "staging", "index")
@@ -1209,8 +1602,7 @@ class Store:
         self.sources = collections.Counter()  # decompressed sha256 -> sources
         self.ready = threading.Event()       # lookups may trust the index
         self.reconciled = threading.Event()  # blob tree scanned, journals merged
-        self.journal_offsets = {}
-        self.refresh_lock = threading.Lock()
+        self.journals = JournalSet(self)
         self.load_seconds = None
         self._name_digests = {}  # (dev, ino, mtime_ns) -> sha256, no xattrs
         self.clear_dead_staging()
@@ -1230,7 +1622,8 @@ class Store:
     def relpath(self, path):
         return os.path.relpath(path, self.root).replace(os.sep, "/")
 
-    # -- startup -------------------------------------------------------------
+    def path_of(self, relpath):
+        return os.path.join(self.root, *relpath.split("/"))
 
     def clear_dead_staging(self):
         """Remove staging left by processes that are gone (never a live one's)."""
@@ -1242,226 +1635,8 @@ class Store:
             if not Journal.owner_alive(journal):
                 shutil.rmtree(entry.path, ignore_errors=True)
 
-    def load(self):
-        """Rebuild the index from the journals, then reconcile with the disk.
-
-        Runs in a background thread at startup; sets ``ready`` after the
-        journals are read, so lookups are served while the tree is scanned.
-        """
-        started = time.monotonic()
-        self.refresh_journals()
-        self.load_seconds = time.monotonic() - started
-        self.ready.set()
-        self.log("indexed %d blobs in %.3f s" % (len(self.index), self.load_seconds))
-        try:
-            found = self.scan_blobs()
-            if found:
-                self.log("hashed %d blobs found without a record" % found)
-            self.merge_dead_journals()
-        except Exception:  # the index stands; only the cleanup is missed
-            self.log("reconciling with the disk failed:\n" + traceback.format_exc())
-        finally:
-            _return_free_memory()
-            self.reconciled.set()
-
     def refresh_journals(self):
-        """Read what other processes (and dead ones) appended since last time."""
-        with self.refresh_lock:
-            events, ranges = [], []
-            for entry in os.scandir(self.index_dir):
-                if not entry.name.endswith(".log") or entry.path == self.journal.path:
-                    continue
-                start = self.journal_offsets.get(entry.path, 0)
-                try:
-                    grown = entry.stat().st_size > start
-                except FileNotFoundError:
-                    continue
-                if grown:
-                    self._read_journal(entry.path, events)
-                    ranges.append((entry.path, start, self.journal_offsets[entry.path]))
-            events.sort(key=lambda event: event[1])
-            for kind, _, fields in events:
-                self._apply(kind, fields)
-            unpinned = {}
-            for kind, when, fields in events:
-                if kind == "U":
-                    key = Pins.key(fields[0])
-                    unpinned[key] = max(when, unpinned.get(key, 0.0))
-            if unpinned:
-                self._repin_later(ranges, unpinned)
-
-    def _repin_later(self, ranges, unpinned):
-        """Pins kept forever are applied as they are read (collecting them
-        for a sort cost 300 bytes a blob of RSS); an unpin applied after
-        them in time order is undone here when the same blob was pinned
-        again later, by re-reading what was read for those keys alone."""
-        for path, start, end in ranges:
-            with open(path, "rb") as handle:
-                handle.seek(start)
-                for raw in handle.read(end - start).split(b"\n"):
-                    if not raw.startswith(b"P\t"):
-                        continue
-                    parsed = parse_journal_line(raw.decode("utf-8", "replace") + "\n")
-                    if parsed is None or len(parsed[2]) < 2 or float(parsed[2][1]):
-                        continue
-                    key = Pins.key(parsed[2][0])
-                    if parsed[1] > unpinned.get(key, parsed[1]):
-                        self.pins.add(parsed[2][0])
-
-    def _read_journal(self, path, events):
-        offset = self.journal_offsets.get(path, 0)
-        try:
-            with open(path, "r", encoding="utf-8", errors="surrogateescape", newline="\n") as handle:
-                handle.seek(offset)
-                for line in handle:
-                    parsed = parse_journal_line(line)
-                    if not line.endswith("\n"):
-                        break  # a line still being written: read it next time
-                    offset += len(line.encode("utf-8", "surrogateescape"))
-                    if parsed is None:
-                        continue
-                    if parsed[0] == "B" or (parsed[0] == "P" and _forever(parsed[2])):
-                        self._apply(*parsed[::2])  # order-free: applied at once
-                    else:
-                        events.append(parsed)
-        except FileNotFoundError:
-            pass
-        self.journal_offsets[path] = offset
-
-    def _apply(self, kind, fields):
-        if kind == "B":
-            digests = dict(field.split("=", 1) for field in fields[1:] if "=" in field)
-            if "sha256" in digests and len(digests["sha256"]) == 64:
-                try:
-                    self.index.add(digests)
-                except ValueError:
-                    pass
-        elif kind == "P":
-            until = float(fields[1]) if len(fields) > 1 else 0.0
-            self.pins.add(fields[0], until)
-        elif kind == "U":
-            self.pins.discard(fields[0])
-        elif kind == "D" and len(fields) >= 2:
-            self._set_derived(fields[0], fields[1])
-        elif kind == "E" and len(fields) >= 2:
-            until = float(fields[0])
-            if until:
-                self.expiries[fields[1]] = until
-            else:
-                self.expiries.pop(fields[1], None)
-
-    def scan_blobs(self):
-        """Hash blobs that have no record (copied in, or a lost journal)."""
-        found = 0
-        recorded = self.index.recorded_keys()
-        blob_root = os.path.join(self.root, "blob")
-        for level1 in _scandirs(blob_root):
-            for level2 in _scandirs(level1.path):
-                for entry in os.scandir(level2.path):
-                    if len(entry.name) != 64 or not entry.is_file(follow_symlinks=False):
-                        continue
-                    try:
-                        raw = bytes.fromhex(entry.name)
-                    except ValueError:
-                        continue
-                    key = int.from_bytes(raw[:8], "big")  # as recorded: int(hex[:16], 16)
-                    spot = bisect.bisect_left(recorded, key)
-                    if spot < len(recorded) and recorded[spot] == key:
-                        continue
-                    if self._adopt(entry.path, entry.name):
-                        found += 1
-        return found
-
-    def _adopt(self, path, name):
-        digester = Digester(self.algorithms)
-        try:
-            with open(path, "rb") as handle:
-                for data in iter(lambda: handle.read(CHUNK_SIZE), b""):
-                    digester.update(data)
-        except OSError:
-            digester.close()
-            return False
-        digests = digester.hexdigests()
-        if digests["sha256"] != name:
-            self.log("blob %s holds content with sha256 %s: left alone, run --verify"
-                     % (name, digests["sha256"]))
-            return False
-        self.journal.blob(digester.size, digests)
-        self.index.add(digests)
-        self.pin(name)  # put there by hand: kept until deleted by checksum
-        return True
-
-    def merge_dead_journals(self):
-        """Fold the journals of dead processes into ours, then remove them.
-
-        Keeps the records of blobs still on disk and the pins, expiries and
-        derivations in force, so journals do not grow with every restart;
-        streamed in batches, so memory stays flat however many blobs there
-        are.  A blob such a journal recorded that has no name, pin or source
-        (st_nlink 1: a live upload always holds a second link, its staged
-        file, until it is named) was left by a process killed mid-upload,
-        and is reclaimed.
-        """
-        dead = [entry.path for entry in os.scandir(self.index_dir)
-                if entry.name.endswith(".log") and entry.path != self.journal.path
-                and not Journal.owner_alive(entry.path)]
-        if not dead:
-            return
-        self.refresh_journals()  # everything in them is applied
-        seen, orphans, batch = set(), [], []
-        try:
-            for path in dead:
-                with open(path, "r", encoding="utf-8", errors="surrogateescape") as handle:
-                    for line in handle:
-                        sha256 = self._live_record(line, seen, orphans)
-                        if sha256:
-                            batch.append(line)
-                        if len(batch) >= 10000:
-                            self._append_lines(batch)
-            now = utc_now()
-            for line in self.pins.records(now):
-                batch.append(line)
-                if len(batch) >= 10000:
-                    self._append_lines(batch)
-            batch += ["E\t%.3f\t%.3f\t%s\n" % (now, until, relpath)
-                      for relpath, until in list(self.expiries.items())]
-            batch += ["D\t%.3f\t%s\t%s\n" % (now, source, derived)
-                      for source, derived in list(self.derived.items())]
-            self._append_lines(batch)
-            os.fsync(self.journal.fd)
-        except OSError as exc:
-            self.log("could not merge dead journals: %s" % exc)
-            return
-        for path in dead:
-            _unlink_quietly(path)
-            self.journal_offsets.pop(path, None)
-        reclaimed = sum(self.release(sha256) for sha256 in orphans)
-        if reclaimed:
-            self.log("reclaimed %d blobs left without a name by a process that died "
-                     "mid-upload" % reclaimed)
-
-    def _live_record(self, line, seen, orphans):
-        """The sha256 of a B line whose blob is still on disk, else None."""
-        parsed = parse_journal_line(line)
-        if parsed is None or parsed[0] != "B":
-            return None
-        sha256 = _field_digest(parsed[2], "sha256")
-        key = sha256 and int(sha256[:16], 16)
-        if not key or key in seen:
-            return None
-        seen.add(key)
-        try:
-            st = os.stat(self.blob_path(sha256))
-        except OSError:
-            return None  # deleted since
-        if st.st_nlink == 1 and sha256 not in self.pins:
-            orphans.append(sha256)  # release() checks again, and sources
-        return sha256
-
-    def _append_lines(self, lines):
-        with self.journal.lock:
-            os.write(self.journal.fd, "".join(lines).encode("utf-8", "surrogateescape"))
-        del lines[:]
+        self.journals.refresh()
 
     # -- lookups -------------------------------------------------------------
 
@@ -1502,6 +1677,18 @@ class Store:
                 return name
         return None
 
+    def stored_blob(self, sha256):
+        """(BlobInfo, first bytes) of a stored blob; NotFound when it is gone."""
+        path = self.blob_path(sha256)
+        try:
+            with open(path, "rb") as handle:
+                head = handle.read(StagedBlob.SNIFF_BYTES)
+                size = os.fstat(handle.fileno()).st_size
+        except FileNotFoundError:
+            raise NotFound("no stored content has checksum %s" % sha256)
+        info = BlobInfo(sha256, size, self.digests_of(path), False, self.blob_relpath(sha256))
+        return info, head
+
     def name_sha256(self, path):
         """sha256 of the file at ``path`` (a name: a hardlink to a blob)."""
         return self.digests_of(path)["sha256"]
@@ -1525,10 +1712,35 @@ class Store:
             with open(path, "rb") as handle:
                 for data in iter(lambda: handle.read(CHUNK_SIZE), b""):
                     digester.update(data)
-            if len(self._name_digests) > 10000:
+            if len(self._name_digests) > NAME_DIGEST_CACHE:
                 self._name_digests.clear()
             self._name_digests[key] = digester.hexdigests()
         return self._name_digests[key]
+
+    def names_of(self, sha256, limit):
+        """Up to ``limit`` names (relpaths) that are hardlinks of a blob.
+
+        Walks files/, explode/ and replica/ comparing inode numbers (from
+        the directory entries: no stat per name) and stops as soon as every
+        other link of the blob is found.
+        """
+        try:
+            st = os.stat(self.blob_path(sha256))
+        except FileNotFoundError:
+            return []
+        wanted, found = st.st_nlink - 1, []
+        stack = [os.path.join(self.root, top) for top in ("files", "explode", "replica")]
+        while stack and len(found) < min(wanted, limit):
+            try:
+                entries = list(os.scandir(stack.pop()))
+            except OSError:
+                continue
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+                elif entry.inode() == st.st_ino and entry.is_file(follow_symlinks=False):
+                    found.append(self.relpath(entry.path))
+        return sorted(found)[:limit]
 
     # -- writing -------------------------------------------------------------
 
@@ -1537,13 +1749,14 @@ class Store:
         try:
             return StagedBlob(self, filename)
         except OSError as exc:
-            raise storage_error(exc)
+            raise_storage_error(exc)
 
-    def publish(self, staged, pin=False, retain_until=0.0, durable=True):
+    def publish(self, staged, txn=None, durable=True):
         """Make a finished StagedBlob a blob (or find it stored): BlobInfo.
 
         The record is journaled before the blob becomes visible; an
-        identical blob published concurrently wins and this one is "existing".
+        identical blob published concurrently wins and this one is
+        "existing".  With ``txn``, a new blob is taken back on rollback.
         ``durable=False`` leaves the directory fsync to the caller (one
         os.sync for an archive's members: 10,000 fsyncs took 5 s here).
         """
@@ -1560,29 +1773,71 @@ class Store:
                     makedirs(os.path.dirname(path))
                     os.link(staged.path, path)
                 new = True
+                if txn is not None:
+                    txn.on_undo(self._unpublish, staged, sha256)
                 if durable and self.config.fsync:
                     fsync_dir(os.path.dirname(path))
             except FileExistsError:
                 pass
             except OSError as exc:
-                raise storage_error(exc)
+                raise_storage_error(exc)
         self.index.add(digests)
-        if pin:
-            self.pin(sha256, retain_until)
         return BlobInfo(sha256, staged.size, digests, new, self.blob_relpath(sha256))
 
-    def pin(self, sha256, retain_until=0.0):
-        """Keep a blob without a name (uploads to /upload, derived blobs)."""
-        if self.pins.add(sha256, retain_until):
-            self.journal.write("P", "%.3f" % utc_now(), sha256, "%.3f" % retain_until)
+    def _unpublish(self, staged, sha256):
+        staged.discard()  # the staged twin's link would keep the blob
+        self.release(sha256, "undone")
 
-    def add_derived(self, source, derived):
+    def link_blob(self, info, dest, staged=None, txn=None):
+        """Hardlink ``dest`` to the blob of ``info`` (the one place a name's
+        source is chosen).  A blob deleted since it was published (by a
+        concurrent request) is published again from ``staged`` first; with
+        no staged copy that is a Conflict.  ``dest``'s directory must exist.
+        """
+        try:
+            os.link(self.blob_path(info.sha256), dest)
+            return
+        except FileNotFoundError:
+            if not os.path.isdir(os.path.dirname(dest)):
+                raise
+            if staged is None:
+                raise Conflict("content %s was deleted while it was being named; "
+                               "send it again" % info.sha256)
+        self.publish(staged, txn)
+        os.link(self.blob_path(info.sha256), dest)
+
+    def pin(self, sha256, retain_until=0.0, txn=None):
+        """Keep a blob without a name (uploads to /upload, adopted blobs)."""
+        before = self.pins.state(sha256)
+        if not self.pins.add(sha256, retain_until):
+            return
+        if txn is None:
+            self.journal.write("P", sha256, "%.3f" % retain_until)
+        else:
+            txn.on_undo(self.pins.restore, sha256, before)
+            txn.record("P", sha256, "%.3f" % retain_until)
+
+    def unpin(self, sha256):
+        if self.pins.discard(sha256):
+            self.journal.write("U", sha256)
+
+    def add_derived(self, source, derived, txn):
         """``derived`` was decompressed from ``source``: kept while it is."""
-        if self.derived.get(source) != derived:
-            self.journal.write("D", "%.3f" % utc_now(), source, derived)
-            self._set_derived(source, derived)
+        previous = self.derived.get(source)
+        if previous == derived:
+            return
+        self.set_derived(source, derived)
+        txn.on_undo(self._undo_derived, source, derived, previous)
+        txn.record("D", source, derived)
 
-    def _set_derived(self, source, derived):
+    def _undo_derived(self, source, derived, previous):
+        if previous is None:
+            self._pop_derived(source)
+        else:
+            self.set_derived(source, previous)
+        self.release(derived, "undone")
+
+    def set_derived(self, source, derived):
         self._pop_derived(source)
         self.derived[source] = derived
         self.sources[derived] += 1
@@ -1595,13 +1850,18 @@ class Store:
                 del self.sources[derived]
         return derived
 
-    def unpin(self, sha256):
-        if self.pins.discard(sha256):
-            self.journal.write("U", "%.3f" % utc_now(), sha256)
+    def set_expiry(self, relpath, retain_until, txn=None):
+        """A name expires at ``retain_until`` (0: never)."""
+        if not (retain_until or relpath in self.expiries):
+            return
+        if txn is None:
+            self.journal.write("E", "%.3f" % retain_until, relpath)
+            self.expire_in_memory(relpath, retain_until)
+        else:
+            txn.record("E", "%.3f" % retain_until, relpath)
+            txn.on_commit(self.expire_in_memory, relpath, retain_until)
 
-    def set_expiry(self, relpath, retain_until):
-        if retain_until or relpath in self.expiries:
-            self.journal.write("E", "%.3f" % utc_now(), "%.3f" % retain_until, relpath)
+    def expire_in_memory(self, relpath, retain_until):
         if retain_until:
             self.expiries[relpath] = retain_until
         else:
@@ -1618,62 +1878,101 @@ class Store:
         if os.path.isdir(dest) and not os.path.islink(dest):
             raise Conflict("%s is a directory" % self.relpath(dest))
 
-    def link_name(self, source, dest, exclusive=False):
-        """Make ``dest`` a hardlink of ``source`` (a blob or staged file).
-
-        Replaces ``dest`` atomically, or with ``exclusive`` raises
-        PreconditionFailed when it exists.  Returns the sha256 of the
-        content ``dest`` had before, or None.  Raises Conflict when a
-        directory is in the way.
-        """
-        parent = os.path.dirname(dest)
+    def make_parents(self, path, txn=None):
+        """Create the directories above ``path``; with ``txn`` the ones
+        made here are removed again on rollback (when still empty).
+        Raises Conflict when a file is in the way."""
+        parent = os.path.dirname(path)
+        missing = []
+        probe = parent
+        while len(probe) > len(self.root) and not os.path.isdir(probe):
+            missing.append(probe)
+            probe = os.path.dirname(probe)
+        if not missing:
+            return
         try:
             makedirs(parent)
         except (FileExistsError, NotADirectoryError):
             raise Conflict("a file is in the way of directory %s" % self.relpath(parent))
+        except OSError as exc:
+            raise_storage_error(exc)
+        if txn is not None:
+            for directory in reversed(missing):  # undone deepest first
+                txn.on_undo(_rmdir_quietly, directory)
+
+    def link_name(self, info, dest, exclusive=False, staged=None, txn=None):
+        """Make ``dest`` a name (hardlink) of the blob of ``info``.
+
+        Replaces ``dest`` atomically, or with ``exclusive`` raises
+        PreconditionFailed when it exists.  Returns the sha256 of the
+        content ``dest`` had before, or None.  Raises Conflict when a
+        directory is in the way.  With ``txn``, rollback puts back what
+        ``dest`` was (the previous content's blob linked again, if any).
+        """
+        self.make_parents(dest, txn)
+        previous = None
         if exclusive:
+            target = dest
             try:
-                os.link(source, dest)
+                self.link_blob(info, dest, staged, txn)
             except FileExistsError:
                 raise PreconditionFailed("%s exists (If-None-Match: *)" % self.relpath(dest))
             except OSError as exc:
-                raise storage_error(exc)
-            return None
-        if os.path.isdir(dest) and not os.path.islink(dest):
-            raise Conflict("%s is a directory" % self.relpath(dest))
-        previous = None
-        if os.path.isfile(dest):
-            try:
-                previous = self.name_sha256(dest)
-            except OSError:
-                previous = None
-        temporary = os.path.join(parent, ".~" + secrets.token_hex(6))
-        try:
-            os.link(source, temporary)
-            os.replace(temporary, dest)
-        except OSError as exc:
-            _unlink_quietly(temporary)
-            if exc.errno in (errno.EISDIR, errno.ENOTEMPTY):
+                raise_storage_error(exc)
+        else:
+            if os.path.isdir(dest) and not os.path.islink(dest):
                 raise Conflict("%s is a directory" % self.relpath(dest))
-            raise storage_error(exc)
+            if os.path.isfile(dest):
+                try:
+                    previous = self.name_sha256(dest)
+                except OSError:
+                    previous = None
+            target = os.path.join(os.path.dirname(dest), RESERVED_PREFIX + secrets.token_hex(6))
+            try:
+                self.link_blob(info, target, staged, txn)
+                os.replace(target, dest)
+            except OSError as exc:
+                _unlink_quietly(target)
+                if exc.errno in (errno.EISDIR, errno.ENOTEMPTY):
+                    raise Conflict("%s is a directory" % self.relpath(dest))
+                raise_storage_error(exc)
+        if txn is not None:
+            txn.on_undo(self._restore_name, dest, os.lstat(dest).st_ino, previous)
         return previous
+
+    def _restore_name(self, dest, inode, previous):
+        """Undo link_name: ``dest`` back to ``previous`` content, or gone,
+        unless another request has replaced it meanwhile."""
+        try:
+            if os.lstat(dest).st_ino != inode:
+                return
+        except FileNotFoundError:
+            return
+        if previous and os.path.exists(self.blob_path(previous)):
+            temporary = os.path.join(os.path.dirname(dest), RESERVED_PREFIX + secrets.token_hex(6))
+            os.link(self.blob_path(previous), temporary)
+            os.replace(temporary, dest)
+        else:
+            os.unlink(dest)
 
     # -- reclaiming ----------------------------------------------------------
 
-    def release(self, sha256):
+    def release(self, sha256, reason):
         """Remove blob ``sha256`` if no name and no pin keeps it any more.
 
-        Safe against a concurrent link (here or in another process): the
-        blob is first moved aside, and put back if a link appeared.
+        ``reason`` is journaled with the removal (R record): deleted,
+        expired, evicted, undone or reclaimed.  Safe against a concurrent
+        link (here or in another process): the blob is first moved aside,
+        and put back if a link appeared.  Returns True when it was removed.
         """
         for attempt in range(2):
             if sha256 in self.pins or sha256 in self.sources:
                 return False
             if attempt == 0:
                 self.refresh_journals()  # another process may have pinned it
-        return self._remove_blob(sha256, only_if_unreferenced=True)
+        return self._remove_blob(sha256, True, reason)
 
-    def _remove_blob(self, sha256, only_if_unreferenced):
+    def _remove_blob(self, sha256, only_if_unreferenced, reason):
         path = self.blob_path(sha256)
         try:
             if os.stat(path).st_nlink > 1 and only_if_unreferenced:
@@ -1690,23 +1989,28 @@ class Store:
             os.unlink(grave)
             return False
         os.unlink(grave)
+        try:
+            self.journal.write("R", sha256, reason)
+        except InsufficientStorage:
+            pass  # the blob is gone; a B record without R is only stale
         self.index.forget()
-        self._remove_derived(sha256)
+        self._remove_derived(sha256, reason)
         return True
 
-    def _remove_derived(self, sha256):
+    def _remove_derived(self, sha256, reason):
         """A blob is gone: so are its explode tree and decompressed blob."""
         tree = self.tree_path(sha256)
         if os.path.isdir(tree):
-            self.remove_tree(tree)
+            self.remove_tree(tree, reason)
         derived = self._pop_derived(sha256)
         if derived:
-            self.release(derived)
+            self.release(derived, reason)
 
     def delete_blob(self, sha256):
         """DELETE /checksum: remove a blob no name uses, with what hangs off it.
 
-        Raises Conflict naming how many names still use it.
+        Raises Conflict naming the names that still use it (the first
+        NAMES_IN_CONFLICT, and how many there are).
         """
         path = self.blob_path(sha256)
         try:
@@ -1714,12 +2018,15 @@ class Store:
         except FileNotFoundError:
             raise NotFound("no blob with checksum %s" % sha256)
         if links > 1:
-            raise Conflict("%d name(s) still use blob %s; delete them first"
-                           % (links - 1, sha256), headers={"X-Names": str(links - 1)})
+            names = self.names_of(sha256, NAMES_IN_CONFLICT)
+            shown = ", ".join(names) + (", ..." if links - 1 > len(names) else "")
+            raise Conflict("%d name(s) still use blob %s: %s; delete them first"
+                           % (links - 1, sha256, shown),
+                           headers={"X-Names": str(links - 1)})
         self.unpin(sha256)
-        self._remove_blob(sha256, only_if_unreferenced=False)
+        self._remove_blob(sha256, False, "deleted")
 
-    def remove_name(self, path):
+    def remove_name(self, path, reason="deleted"):
         """Unlink one name, reclaiming its blob if that was its last.
 
         Returns (names removed, blobs reclaimed).
@@ -1733,14 +2040,14 @@ class Store:
         except FileNotFoundError:
             return 0, 0
         self.set_expiry(self.relpath(path), 0)
-        return 1, int(bool(sha256) and self.release(sha256))
+        return 1, int(bool(sha256) and self.release(sha256, reason))
 
-    def remove_tree(self, path):
+    def remove_tree(self, path, reason="deleted"):
         """Remove a directory of names: (names removed, blobs reclaimed)."""
         names = reclaimed = 0
         for parent, dirs, files in os.walk(path, topdown=False):
             for name in files:
-                removed, freed = self.remove_name(os.path.join(parent, name))
+                removed, freed = self.remove_name(os.path.join(parent, name), reason)
                 names += removed
                 reclaimed += freed
             for name in dirs:
@@ -2110,10 +2417,12 @@ class TreeBuilder:
                                     "other links" % member[1])
                     changed = True
 
-    def publish(self, key):
+    def publish(self, key, txn):
         """Link members into the store and the tree; move it to explode/.
 
-        Returns (relpath of the tree, list of member dicts).
+        Returns (tree path, list of member dicts, True when this upload
+        made the tree); a tree that another upload made meanwhile stands.
+        On rollback of ``txn`` the tree made here goes with its new blobs.
         """
         store = self.store
         self._drop_escaping_symlinks()
@@ -2124,11 +2433,9 @@ class TreeBuilder:
         files = []
         blobs = {}
         for path, member in self.members.items():
-            target = os.path.join(self.root, path)
             if isinstance(member, StagedBlob):
-                info = store.publish(member, durable=False)
-                _link_from(store.blob_path(info.sha256) if not info.new else member.path, target,
-                           member.path)
+                info = store.publish(member, txn, durable=False)
+                store.link_blob(info, os.path.join(self.root, path), member, txn)
                 blobs[path] = info
                 files.append({"path": path, "size": info.size, "checksums": info.digests})
         for path, member in self.members.items():
@@ -2144,16 +2451,18 @@ class TreeBuilder:
                     files.append({"path": path, "symlink": link_target})
         destination = store.tree_path(key)
         makedirs(os.path.dirname(destination))
+        made = True
         try:
             os.rename(self.root, destination)
+            txn.on_undo(store.remove_tree, destination, "undone")
         except OSError as exc:
             if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-                raise storage_error(exc)
-            # Expanded meanwhile by another upload: that tree stands.
+                raise_storage_error(exc)
+            made = False  # expanded meanwhile by another upload: that tree stands
         if store.config.fsync:
             os.sync()  # the new blob and tree names, all at once
         self.discard()
-        return store.relpath(destination), files
+        return destination, files, made
 
     def discard(self):
         for member in self.members.values():
@@ -2203,14 +2512,6 @@ def _resolves_inside(directory, target):
     return depth > 0
 
 
-def _link_from(source, target, fallback):
-    """Hardlink ``source`` to ``target``; ``fallback`` if source vanished."""
-    try:
-        os.link(source, target)
-    except FileNotFoundError:
-        os.link(fallback, target)  # blob reclaimed meanwhile: staged copy
-
-
 def expand_zip(builder, path):
     try:
         with zipfile.ZipFile(path) as archive:
@@ -2255,55 +2556,74 @@ def expand_tar(builder, path):
         raise ExpansionStopped("corrupt tar: %s" % exc)
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise storage_error(exc)
+            raise_storage_error(exc)
         raise ExpansionStopped("corrupt tar: %s" % exc)
 
 
-class Expander:
-    """Derived content of one stored upload: decompressed blob, explode tree."""
+DerivedBlob = collections.namedtuple("DerivedBlob", "name blob mime")
+#: An explode tree: ``path`` relative to ARCHIVE_DIR, ``files`` the member
+#: dicts (path, size, checksums or symlink), ``skipped`` the members left
+#: out with reasons, ``existing`` when an earlier upload made it.
+TreeInfo = collections.namedtuple("TreeInfo", "path files skipped existing")
+#: What expanding one stored blob gave: a DerivedBlob or None, a TreeInfo
+#: or None, and why expansion stopped (a limit, corrupt data) or None.
+Expansion = collections.namedtuple("Expansion", "decompressed tree error")
+NOT_EXPANDED = Expansion(None, None, None)
 
-    def __init__(self, store, urls):
+
+class Expander:
+    """Derived content of one stored blob: decompressed blob, explode tree."""
+
+    def __init__(self, store):
         self.store = store
         self.config = store.config
-        self.urls = urls  # relpath -> url
 
-    def expand(self, info, head, filename):
-        """-> dict with "decompressed", "extracted", "expansion_error"."""
-        result = {"decompressed": None, "extracted": None, "expansion_error": None}
+    def expand(self, info, head, filename, txn):
+        """Expansion of blob ``info`` (first bytes ``head``); what it makes
+        is taken back on rollback of ``txn``.  Content expanded by an
+        earlier upload is described, not expanded again."""
         kind = sniff(head)
         budget = Budget(self.config, info.size)
+        decompressed = tree = None
         try:
             if kind in COMPRESSED_KINDS:
-                inner, inner_head = self._decompress(info, kind, filename, budget)
-                result["decompressed"] = inner
+                decompressed, inner_head = self._decompress(info, kind, filename, budget, txn)
                 if sniff(inner_head) == "tar":
-                    result["extracted"] = self._explode(inner["checksums"]["sha256"],
-                                                        expand_tar, budget)
+                    tree = self._explode(decompressed.blob.sha256, expand_tar, budget, txn)
             elif kind in ("zip", "tar"):
-                result["extracted"] = self._explode(
-                    info.sha256, expand_zip if kind == "zip" else expand_tar, budget)
+                tree = self._explode(
+                    info.sha256, expand_zip if kind == "zip" else expand_tar, budget, txn)
         except ExpansionStopped as exc:
-            result["expansion_error"] = str(exc)
-        return result
+            return Expansion(decompressed, None, str(exc))
+        return Expansion(decompressed, tree, None)
 
-    def _decompress(self, info, kind, filename, budget):
+    def _decompress(self, info, kind, filename, budget, txn):
+        """(DerivedBlob, its first bytes) of a compressed blob."""
+        store = self.store
         name = decompressed_name(filename)
-        with self.store.stage(name) as staged:
+        known = store.derived.get(info.sha256)
+        if known:
             try:
-                with open(self.store.blob_path(info.sha256), "rb") as raw:
+                blob, head = store.stored_blob(known)
+                return DerivedBlob(name, blob, guess_mime(head, name)), head
+            except NotFound:
+                pass  # removed meanwhile: decompressed again
+        with store.stage(name) as staged:
+            try:
+                with open(store.blob_path(info.sha256), "rb") as raw:
                     for piece in iter_decompressed(kind, raw):
                         budget.add_bytes(len(piece))
                         staged.write(piece)
             except (OSError, EOFError, zlib.error, lzma.LZMAError, ValueError) as exc:
                 if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise storage_error(exc)
+                    raise_storage_error(exc)
                 raise ExpansionStopped("corrupt %s data: %s" % (kind, exc))
             staged.finish()
-            inner = self.store.publish(staged)
-            self.store.add_derived(info.sha256, inner.sha256)
-            return describe_blob(inner, name, staged.head, self.urls), staged.head
+            inner = store.publish(staged, txn)
+            store.add_derived(info.sha256, inner.sha256, txn)
+            return DerivedBlob(name, inner, guess_mime(staged.head, name)), staged.head
 
-    def _explode(self, key, walker, budget):
+    def _explode(self, key, walker, budget, txn):
         store = self.store
         tree = store.tree_path(key)
         if os.path.isdir(tree):
@@ -2311,16 +2631,16 @@ class Expander:
         builder = TreeBuilder(store, budget)
         try:
             walker(builder, store.blob_path(key))
-            relpath, files = builder.publish(key)
+            path, files, made = builder.publish(key, txn)
         except BaseException:
             builder.discard()
             raise
-        return {"path": relpath, "url": self.urls(relpath), "count": len(files),
-                "files": files[:MAX_JSON_LIST], "skipped": builder.skipped,
-                "existing": False}
+        if not made:
+            return self.describe_tree(path)
+        return TreeInfo(store.relpath(path), files, builder.skipped, False)
 
     def describe_tree(self, tree):
-        """The "extracted" answer for a tree expanded by an earlier upload."""
+        """The TreeInfo of a tree expanded by an earlier upload."""
         store = self.store
         files = []
         for parent, _dirs, names in os.walk(tree):
@@ -2332,16 +2652,7 @@ class Expander:
                     continue
                 files.append({"path": rel, "size": os.stat(full).st_size,
                               "checksums": store.digests_of(full)})
-        relpath = store.relpath(tree)
-        return {"path": relpath, "url": self.urls(relpath), "count": len(files),
-                "files": files[:MAX_JSON_LIST], "skipped": [], "existing": True}
-
-
-def describe_blob(info, name, head, urls):
-    """The response's description of one stored blob."""
-    return {"name": name, "size": info.size, "mime": guess_mime(head, name),
-            "checksums": info.digests, "stored": "new" if info.new else "existing",
-            "path": info.path, "url": urls("checksum/" + info.sha256)}
+        return TreeInfo(store.relpath(tree), files, [], True)
 
 
 # ===========================================================================
@@ -2386,10 +2697,10 @@ class ReplicaTemplate:
             return None, missing
 
         def value(match):
-            return safe_filename(headers.get(match.group(1)).strip(), default="_")
+            return header_segment(headers.get(match.group(1)).strip())
 
         segments = [_TEMPLATE_TOKEN.sub(value, segment) for segment in self.segments]
-        return "/".join(safe_filename(segment, default="_") for segment in segments), []
+        return "/".join(header_segment(segment) for segment in segments), []
 
 
 def load_replicate_templates(environ):
@@ -2410,14 +2721,15 @@ def split_name(name):
     return posixpath.splitext(name)
 
 
-def make_replicas(store, templates, headers, name, source, tree, retain_until):
+def make_replicas(store, templates, headers, name, info, staged, tree, retain_until, txn):
     """Replica names for one upload: (created relpaths, skipped notes).
 
-    ``source`` is the blob path; ``tree`` the explode tree path or None.
-    Each template whose headers are all present yields
-    ``replica/<path>/<stem>.<yyyymmdd.HHMM>.<n><ext>`` (a hardlink) and,
-    for an archive, ``<stem>.<stamp>.<n>`` (a relative symlink to the
-    tree); ``<stem>.latest<ext>`` is moved to the newest atomically.
+    ``info`` is the blob (BlobInfo) and ``staged`` its staged copy or None;
+    ``tree`` the explode tree path or None.  Each template whose headers
+    are all present yields ``replica/<path>/<stem>.<yyyymmdd.HHMM>.<n><ext>``
+    (a hardlink) and, for an archive, ``<stem>.<stamp>.<n>`` (a relative
+    symlink to the tree); ``<stem>.latest<ext>`` is moved to the newest
+    atomically.  Everything made here is taken back on rollback of ``txn``.
     """
     created, skipped = [], []
     stem, ext = split_name(name)
@@ -2430,43 +2742,66 @@ def make_replicas(store, templates, headers, name, source, tree, retain_until):
         directory = os.path.join(store.root, "replica", *relative.split("/"))
         contained(os.path.join(store.root, "replica"), relative)
         try:
-            makedirs(directory)
-        except (FileExistsError, NotADirectoryError):
+            store.make_parents(os.path.join(directory, "_"), txn)
+        except Conflict:
             skipped.append({"template": template.variable, "reason": "a file is in the way"})
             continue
         final = _link_numbered(directory, stem + "." + stamp + ".%d" + ext,
-                               lambda path: os.link(source, path))
-        _point_latest(directory, stem + ".latest" + ext, os.path.basename(final))
+                               lambda path: store.link_blob(info, path, staged, txn), txn)
+        _point_latest(directory, stem + ".latest" + ext, os.path.basename(final), txn)
         made = [final]
         if tree is not None:
             link = os.path.relpath(tree, directory)
             tree_name = _link_numbered(directory, stem + "." + stamp + ".%d",
-                                       lambda path: os.symlink(link, path))
-            _point_latest(directory, stem + ".latest", os.path.basename(tree_name))
+                                       lambda path: os.symlink(link, path), txn)
+            _point_latest(directory, stem + ".latest", os.path.basename(tree_name), txn)
             made.append(tree_name)
         for path in made:
             relpath = store.relpath(path)
-            if retain_until:
-                store.set_expiry(relpath, retain_until)
+            store.set_expiry(relpath, retain_until, txn)
             created.append(relpath)
     return created, skipped
 
 
-def _link_numbered(directory, pattern, make):
-    for number in range(100000):
+def _link_numbered(directory, pattern, make, txn):
+    """The first free ``pattern % n`` in ``directory``, made by ``make``."""
+    for number in range(MAX_REPLICA_NUMBER):
         path = os.path.join(directory, pattern % number)
         try:
             make(path)
-            return path
         except FileExistsError:
             continue
+        txn.on_undo(_unlink_quietly, path)
+        return path
     raise Conflict("no free replica name for %s" % pattern)
 
 
-def _point_latest(directory, name, target):
-    temporary = os.path.join(directory, ".~" + secrets.token_hex(6))
+def _point_latest(directory, name, target, txn):
+    """Point the symlink ``directory/name`` at ``target``, atomically; on
+    rollback it points back where it did (if still at ``target``)."""
+    latest = os.path.join(directory, name)
+    try:
+        before = os.readlink(latest)
+    except OSError:
+        before = None
+    temporary = os.path.join(directory, RESERVED_PREFIX + secrets.token_hex(6))
     os.symlink(target, temporary)
-    os.replace(temporary, os.path.join(directory, name))
+    os.replace(temporary, latest)
+    txn.on_undo(_repoint_latest, latest, target, before)
+
+
+def _repoint_latest(latest, target, before):
+    try:
+        if os.readlink(latest) != target:
+            return  # a later upload moved it: that stands
+    except OSError:
+        return
+    if before is None:
+        _unlink_quietly(latest)
+        return
+    temporary = os.path.join(os.path.dirname(latest), RESERVED_PREFIX + secrets.token_hex(6))
+    os.symlink(before, temporary)
+    os.replace(temporary, latest)
 
 
 def retention_until(value, default_days, what):
@@ -2478,9 +2813,25 @@ def retention_until(value, default_days, what):
             days = float(value)
         except ValueError:
             days = -1.0
-        if not days >= 0 or days > 36500:
-            raise BadRequest("%s must be a number of days from 0 to 36500, got %r" % (what, value))
+        if not days >= 0 or days > MAX_RETAIN_DAYS:
+            raise BadRequest("%s must be a number of days from 0 to %d, got %r"
+                             % (what, MAX_RETAIN_DAYS, value))
     return utc_now() + days * 86400.0 if days else 0.0
+
+
+def upload_retention(headers, query, fields, default_days):
+    """The expiry time (0: none) of what an upload stores.
+
+    The one place that reads it: the ``X-Retain-Days`` header, else the
+    form field ``retain_days``, else the query ``?retain_days=``, else the
+    server's default.  Raises BadRequest naming the bad one.
+    """
+    for value, what in ((headers.get("x-retain-days"), "X-Retain-Days"),
+                        (fields.get("retain_days"), "form field retain_days"),
+                        (query.get("retain_days"), "?retain_days")):
+        if value is not None:
+            return retention_until(value, default_days, what)
+    return retention_until(None, default_days, "retain_days")
 
 
 class Sweeper(threading.Thread):
@@ -2516,17 +2867,108 @@ class Sweeper(threading.Thread):
                 continue
             path = os.path.join(store.root, *relpath.split("/"))
             if os.path.isdir(path) and not os.path.islink(path):
-                store.remove_tree(path)
+                store.remove_tree(path, "expired")
             elif os.path.lexists(path):
-                store.remove_name(path)
+                store.remove_name(path, "expired")
             store.set_expiry(relpath, 0)
             expired += 1
         for sha256, until in list(store.pins.until.items()):
             if until <= now:
                 store.unpin(sha256)
-                store.release(sha256)
+                store.release(sha256, "expired")
                 expired += 1
         return expired
+
+
+# ===========================================================================
+# Upload transaction: what one request stores, all or nothing
+# ===========================================================================
+
+#: One file a request delivered: the client's ``filename``; ``staged``,
+#: the finished StagedBlob (None when deployed by checksum); ``deploy``,
+#: the sha256 of the stored blob named instead (X-Checksum-Deploy) or
+#: None; ``dest``, its name's path under files/, or None for an upload to
+#: /upload (pinned and replicated).
+Incoming = collections.namedtuple("Incoming", "filename staged deploy dest")
+#: What a request delivered, read whole before anything is stored:
+#: ``files`` (Incoming), ``exclusive`` (If-None-Match: *), ``retain_until``
+#: (0: none) and the request ``headers`` (replica templates read them).
+Received = collections.namedtuple("Received", "files exclusive retain_until headers")
+#: What the store made of one Incoming file: its BlobInfo and MIME type,
+#: whether it was deployed by checksum, its Expansion, its name (relpath
+#: under files/ or None), its replicas (relpaths) and skipped templates.
+StoredFile = collections.namedtuple(
+    "StoredFile", "filename blob mime deployed expansion name replicas replicas_skipped")
+
+
+class UploadTransaction:
+    """Stores what one request received: all of it, or nothing.
+
+    ``commit(received)`` checks every name first (If-None-Match: *, a
+    directory or a file in the way), then for each file publishes its blob,
+    pins it (uploads to /upload), expands it, links its name or its
+    replicas and sets its retention; the journal records are written at
+    the end, the commit point (Transaction).  Any exception on the way --
+    a precondition, a conflict, a full disk, a bug -- rolls back every
+    step: no blob, name, tree, replica, pin or expiry of the request is
+    left.  The staged files are removed in every case.
+    """
+
+    def __init__(self, store, templates):
+        self.store = store
+        self.templates = templates
+        self.expander = Expander(store)
+
+    def commit(self, received):
+        """The StoredFile of each received file, in order."""
+        try:
+            self.check_names(received)
+            with Transaction(self.store) as txn:
+                return [self._store(received, item, txn) for item in received.files]
+        finally:
+            for item in received.files:
+                if item.staged is not None:
+                    item.staged.discard()
+
+    def check_names(self, received):
+        """Refuse before storing anything: a name that exists under
+        If-None-Match: * (PreconditionFailed), a name that cannot be made
+        (Conflict).  Races after this are caught when linking."""
+        store = self.store
+        claimed = set()
+        for item in received.files:
+            if item.dest is None:
+                continue
+            relpath = store.relpath(item.dest)
+            if received.exclusive and (item.dest in claimed or os.path.lexists(item.dest)):
+                raise PreconditionFailed("%s exists (If-None-Match: *)" % relpath)
+            claimed.add(item.dest)
+            store.check_name_target(item.dest)
+
+    def _store(self, received, item, txn):
+        store = self.store
+        if item.staged is not None:
+            blob = store.publish(item.staged, txn)
+            head = item.staged.head
+        else:
+            blob, head = store.stored_blob(item.deploy)
+        if item.dest is None:
+            store.pin(blob.sha256, received.retain_until, txn)
+        expansion = self.expander.expand(blob, head, item.filename, txn)
+        name, replicas, skipped = None, [], []
+        if item.dest is not None:
+            previous = store.link_name(blob, item.dest, received.exclusive, item.staged, txn)
+            name = store.relpath(item.dest)
+            store.set_expiry(name, received.retain_until, txn)
+            if previous and previous != blob.sha256:
+                txn.release_later(previous)
+        else:
+            tree = store.path_of(expansion.tree.path) if expansion.tree else None
+            replicas, skipped = make_replicas(
+                store, self.templates, received.headers, item.filename, blob, item.staged,
+                tree, received.retain_until, txn)
+        return StoredFile(item.filename, blob, guess_mime(head, item.filename),
+                          item.staged is None, expansion, name, replicas, skipped)
 
 
 # ===========================================================================
@@ -2585,6 +3027,9 @@ class ChunkedWriter:
 
 
 _STATUS_PHRASES = {status.value: status.phrase for status in HTTPStatus}
+#: 401 challenges, one per line: browsers ignore a Basic challenge that
+#: follows another scheme on the same line (RFC 9110 11.6.1 allows both).
+AUTH_CHALLENGES = ('Bearer realm="http_bucket"', 'Basic realm="http_bucket", charset="UTF-8"')
 _DATE_CACHE = [0, ""]
 
 
@@ -2671,7 +3116,7 @@ class Handler(BaseHTTPRequestHandler):
     def parse_request_fast(self, line):
         """Request line and headers; raises BadRequest (sets close)."""
         if len(line) > MAX_REQUEST_LINE:
-            raise BucketError("request line over %d bytes" % MAX_REQUEST_LINE, status=414)
+            raise URITooLong("request line over %d bytes" % MAX_REQUEST_LINE)
         words = line.decode("latin-1").rstrip("\r\n").split(" ")
         if len(words) != 3 or not words[2].startswith("HTTP/1."):
             raise BadRequest("malformed request line %r" % line[:80].decode("latin-1"))
@@ -2689,7 +3134,7 @@ class Handler(BaseHTTPRequestHandler):
         for _ in range(MAX_HEADERS + 1):
             line = self.rfile.readline(MAX_HEADER_LINE + 1)
             if len(line) > MAX_HEADER_LINE:
-                raise BucketError("header line over %d bytes" % MAX_HEADER_LINE, status=431)
+                raise HeaderFieldsTooLarge("header line over %d bytes" % MAX_HEADER_LINE)
             if line in (b"\r\n", b"\n"):
                 return headers
             if not line:
@@ -2700,7 +3145,7 @@ class Handler(BaseHTTPRequestHandler):
             name = name.lower()
             value = value.strip()
             headers[name] = headers[name] + ", " + value if name in headers else value
-        raise BucketError("more than %d header lines" % MAX_HEADERS, status=431)
+        raise HeaderFieldsTooLarge("more than %d header lines" % MAX_HEADERS)
 
     # -- the dispatcher ------------------------------------------------------
 
@@ -2769,7 +3214,7 @@ class Handler(BaseHTTPRequestHandler):
                     return
         raise Unauthorized(
             "a valid token is needed to %s" % ("write" if write else "read"),
-            headers={"WWW-Authenticate": 'Bearer realm="http_bucket", Basic realm="http_bucket"'})
+            headers={"WWW-Authenticate": AUTH_CHALLENGES})
 
     def offered_token(self):
         value = self.headers.get("authorization", "")
@@ -2792,7 +3237,10 @@ class Handler(BaseHTTPRequestHandler):
         lines = ["HTTP/1.1 %d %s" % (status, _STATUS_PHRASES.get(status, "Unknown")),
                  "Server: " + self.server_version, "Date: " + cached_http_date()]
         for name, value in headers.items():
-            lines.append("%s: %s" % (name, value))
+            if isinstance(value, (list, tuple)):  # a field sent as several lines
+                lines.extend("%s: %s" % (name, item) for item in value)
+            else:
+                lines.append("%s: %s" % (name, value))
         if self.close_connection:
             lines.append("Connection: close")
         self.response_status = status
@@ -2850,7 +3298,7 @@ class Handler(BaseHTTPRequestHandler):
             return self.body
         expect = self.headers.get("expect")
         if expect is not None and expect.lower() != "100-continue":
-            raise BucketError("unsupported Expect: %s" % expect, status=417)
+            raise ExpectationFailed("unsupported Expect: %s" % expect)
         encoding = self.headers.get("transfer-encoding", "").strip().lower()
         length_text = self.headers.get("content-length")
         limit = self.server.config.max_content_length
@@ -2930,105 +3378,123 @@ class Handler(BaseHTTPRequestHandler):
     def route_post_upload(self):
         if self.rest.strip("/"):
             raise NotFound("POST /upload takes no path; use PUT /upload/<name>")
-        result = self.receive_multipart()
-        self.finish_upload(result, pin=True)
+        self.commit_upload(self.receive_multipart(None))
 
     def route_put_upload(self):
         segments = split_url_path(self.rest, "upload name")
-        name = safe_filename(segments[-1] if segments else "upload")
-        result = self.receive_raw(name)
-        self.finish_upload(result, pin=True)
+        name = client_filename(segments[-1], "upload name") if segments else "upload"
+        self.commit_upload(self.receive_raw(name, None))
 
     def route_put_files(self):
-        segments = split_url_path(self.rest, "file path")
+        segments = self.new_name_segments("file path")
         if not segments or self.rest.endswith("/"):
             raise BadRequest("PUT /files/<path> needs a file name (POST a form to a directory)")
-        dest = os.path.join(self.server.store.root, "files", *segments)
-        exclusive = self.headers.get("if-none-match", "").strip() == "*"
-        if exclusive and os.path.lexists(dest):
+        store = self.server.store
+        dest = os.path.join(store.root, "files", *segments)
+        if self.exclusive() and os.path.lexists(dest):  # refused before the body is read
             raise PreconditionFailed("files/%s exists (If-None-Match: *)" % "/".join(segments))
-        self.server.store.check_name_target(dest)  # refused before the body is read
-        result = self.receive_raw(segments[-1])
-        self.finish_upload(result, pin=False, names=[(dest, exclusive)])
+        store.check_name_target(dest)
+        self.commit_upload(self.receive_raw(segments[-1], dest))
 
     def route_post_files(self):
-        segments = split_url_path(self.rest, "directory path")
-        result = self.receive_multipart()
-        base = os.path.join(self.server.store.root, "files", *segments)
-        self.server.store.check_name_target(os.path.join(base, "_"))
-        exclusive = self.headers.get("if-none-match", "").strip() == "*"
-        names = [(os.path.join(base, staged.filename), exclusive) for staged in result["staged"]]
-        self.finish_upload(result, pin=False, names=names)
+        segments = self.new_name_segments("directory path")
+        store = self.server.store
+        directory = os.path.join(store.root, "files", *segments)
+        store.check_name_target(os.path.join(directory, "_"))  # before the body
+        self.commit_upload(self.receive_multipart(directory))
 
-    def upload_retention(self):
-        value = self.headers.get("x-retain-days")
-        if value is None:
-            value = self.query.get("retain_days")
-        return retention_until(value, self.server.config.retain_days,
-                               "X-Retain-Days" if "x-retain-days" in self.headers else "retain_days")
+    def new_name_segments(self, what):
+        return [check_new_name(segment, what) for segment in split_url_path(self.rest, what)]
 
-    def receive_multipart(self):
-        """Read a multipart body into staged files: {"staged", "fields"}."""
+    def exclusive(self):
+        return self.headers.get("if-none-match", "").strip() == "*"
+
+    def retention(self, fields):
+        return upload_retention(self.headers, self.query, fields,
+                                self.server.config.retain_days)
+
+    def receive_multipart(self, directory):
+        """Read a multipart body into staged files: a Received.
+
+        Each file part is named ``directory/<filename>`` (None: /upload).
+        """
         boundary = multipart_boundary(self.headers.get("content-type"))
-        retain_until = self.upload_retention()
-        body = self.open_body()
-        parser = MultipartParser(boundary)
-        staged_files, fields = [], {}
-        current = field = None
+        self.retention({})  # a bad header or query is refused before the body
+        staged_files, fields = self.read_parts(self.open_body(), boundary)
         try:
-            while True:
-                data = body.read(CHUNK_SIZE)
-                events = parser.feed(data) if data else []
-                for kind, value in events:
-                    if kind == "part":
-                        if value.filename == "":  # a browser's empty file input
-                            field = [None, bytearray()]
-                        elif value.filename is not None:
-                            current = self.server.store.stage(safe_filename(value.filename))
-                            staged_files.append(current)
-                        else:
-                            if len(fields) >= MAX_FIELDS:
-                                raise BadRequest("more than %d form fields" % MAX_FIELDS)
-                            field = [value.name, bytearray()]
-                    elif kind == "data":
-                        if current is not None:
-                            current.write(value)
-                        else:
-                            field[1] += value
-                            if len(field[1]) > MAX_FIELD_SIZE:
-                                raise BadRequest("form field %r over %d bytes"
-                                                 % (field[0], MAX_FIELD_SIZE))
-                    else:
-                        if current is not None:
-                            current.finish()
-                        elif field[0] is not None:
-                            fields[field[0]] = field[1].decode("utf-8", "replace")
-                        current = field = None
-                if not data:
-                    parser.close()
-                    break
             if not staged_files:
                 raise BadRequest("multipart body has no file part (a part with a filename)")
+            retain_until = self.retention(fields)
         except BaseException:
             for staged in staged_files:
                 staged.discard()
             raise
-        if "retain_days" in fields and self.headers.get("x-retain-days") is None:
-            retain_until = retention_until(fields["retain_days"],
-                                           self.server.config.retain_days, "retain_days")
-        return {"staged": staged_files, "fields": fields, "retain_until": retain_until}
+        files = [Incoming(staged.filename, staged, None,
+                          os.path.join(directory, staged.filename) if directory else None)
+                 for staged in staged_files]
+        return Received(files, self.exclusive(), retain_until, self.headers)
 
-    def receive_raw(self, name):
-        """Read a raw PUT body into one staged file, verifying stated digests."""
+    def read_parts(self, body, boundary):
+        """Stage the file parts of a multipart body as they stream in.
+
+        Returns ([finished StagedBlob], {field name: text}); the staged
+        files are the caller's to discard.  On any error (a bad part, the
+        client gone, a full disk) every staged file is discarded here.
+        """
+        parser = MultipartParser(boundary)
+        store = self.server.store
+        staged_files, fields = [], {}
+        part = staged = None
+        value = bytearray()
+        field_count = 0
+        try:
+            while True:
+                data = body.read(CHUNK_SIZE)
+                for kind, payload in (parser.feed(data) if data else ()):
+                    if kind == "part":
+                        part, staged, value = payload, None, bytearray()
+                        if part.filename:  # "": a browser's empty file input
+                            staged = store.stage(client_filename(part.filename))
+                            staged_files.append(staged)
+                        elif part.filename is None:
+                            field_count += 1
+                            if field_count > MAX_FIELDS:
+                                raise BadRequest("more than %d form fields" % MAX_FIELDS)
+                    elif kind == "data":
+                        if staged is not None:
+                            staged.write(payload)
+                        elif part.filename is None:
+                            value += payload
+                            if len(value) > MAX_FIELD_SIZE:
+                                raise BadRequest("form field %r over %d bytes"
+                                                 % (part.name, MAX_FIELD_SIZE))
+                    elif staged is not None:
+                        staged.finish()
+                    elif part.filename is None:
+                        fields[part.name] = value.decode("utf-8", "replace")
+                if not data:
+                    parser.close()
+                    return staged_files, fields
+        except BaseException:
+            for staged in staged_files:
+                staged.discard()
+            raise
+
+    def receive_raw(self, name, dest):
+        """Read a raw PUT body into one staged file, verifying the digests
+        the client stated: a Received (or the deploy of a stored blob)."""
         expected = stated_digests(self.headers)
-        retain_until = self.upload_retention()
+        retain_until = self.retention({})
         if self.headers.get("x-checksum-deploy", "").lower() == "true":
-            return self.deploy_by_checksum(name, expected, retain_until)
+            sha256 = self.deploy_source(expected)
+            self.close_connection = self.close_connection or self.body_unread()
+            return Received([Incoming(name, None, sha256, dest)], self.exclusive(),
+                            retain_until, self.headers)
         body = self.open_body()
         store = self.server.store
-        extra = [algorithm for algorithm in expected if algorithm not in store.algorithms]
         staged = store.stage(name)
         try:
+            extra = [algorithm for algorithm in expected if algorithm not in store.algorithms]
             if extra:
                 staged.digester = Digester(tuple(store.algorithms) + tuple(extra))
             while True:
@@ -3036,136 +3502,42 @@ class Handler(BaseHTTPRequestHandler):
                 if not data:
                     break
                 staged.write(data)
-            digests = staged.finish()
-            for algorithm, (header, value) in expected.items():
-                if digests[algorithm] != value:
-                    raise BadRequest("%s mismatch: header says %s, body has %s; nothing stored"
-                                     % (header, value, digests[algorithm]))
+            check_stated_digests(expected, staged.finish())
         except BaseException:
             staged.discard()
             raise
-        return {"staged": [staged], "fields": {}, "retain_until": retain_until}
+        return Received([Incoming(name, staged, None, dest)], self.exclusive(), retain_until,
+                        self.headers)
 
-    def deploy_by_checksum(self, name, expected, retain_until):
-        """X-Checksum-Deploy: answer from a stored blob, body unread."""
+    def deploy_source(self, expected):
+        """X-Checksum-Deploy: the sha256 of the stored blob that has every
+        stated digest; NotFound when none has, body unread."""
         store = self.server.store
         if not expected:
             raise BadRequest("X-Checksum-Deploy needs a digest header (X-Checksum-Sha256, ...)")
-        found = {}
-        for algorithm, (header, value) in expected.items():
-            found[header] = store.lookup(value) if algorithm in LOOKUP_LENGTHS.values() else None
-        if not any(found.values()):
+        found = [store.lookup(value) for algorithm, (_, value) in expected.items()
+                 if algorithm in LOOKUP_LENGTHS.values()]
+        sha256 = next((value for value in found if value), None)
+        if sha256 is None:
             raise NotFound("X-Checksum-Deploy: no stored content has the stated checksum")
-        sha256 = next(value for value in found.values() if value)
         digests = store.digests_of(store.blob_path(sha256))
         for algorithm, (header, value) in expected.items():
             if digests.get(algorithm, value) != value:
                 raise BadRequest("X-Checksum-Deploy: %s does not match the stored content "
                                  "(it has %s)" % (header, digests[algorithm]))
-        self.close_connection = self.close_connection or self.body_unread()
-        return {"staged": [], "fields": {}, "retain_until": retain_until,
-                "deployed": (name, sha256)}
+        return sha256
 
-    def finish_upload(self, result, pin, names=None):
-        """Publish staged files, expand, name, replicate; answer JSON."""
-        store = self.server.store
-        entries, published = [], []
-        status = 200
-        try:
-            for position, staged in enumerate(result["staged"]):
-                info = store.publish(staged, pin=pin, retain_until=result["retain_until"])
-                name_target = names[position] if names else None
-                published.append((info, name_target))
-                entry = self.describe_upload(info, staged.filename, staged.head, staged.path,
-                                             name_target, result["retain_until"])
-                if info.new or name_target:
-                    status = 201
-                entries.append(entry)
-            if "deployed" in result:
-                name, sha256 = result["deployed"]
-                entry = self.describe_deployed(name, sha256, names, result["retain_until"], pin)
-                status = 201 if names else 200
-                entries.append(entry)
-        except InsufficientStorage:
-            self.undo_upload(published, pin)
-            raise
-        finally:
-            for staged in result["staged"]:
-                staged.discard()
-        response = {"code": status, "status": "Success", "files": entries}
-        response.update(seed_keys(entries[0], self.server.config.checksum_type))
-        headers = {}
-        if names and entries and entries[0].get("url_name"):
-            headers["Location"] = entries[0]["url_name"]
-        self.send_json(status, response, headers)
-
-    def undo_upload(self, published, pin):
-        """The disk filled up mid-request: take back what it stored."""
-        store = self.server.store
-        for info, name_target in published:
-            if name_target is not None and os.path.isfile(name_target[0]):
-                if store.name_sha256(name_target[0]) == info.sha256:
-                    store.remove_name(name_target[0])
-            if info.new:
-                if pin:
-                    store.unpin(info.sha256)
-                store.release(info.sha256)
-
-    def describe_upload(self, info, filename, head, staged_path, name_target, retain_until):
-        store = self.server.store
-        entry = describe_blob(info, filename, head, self.server.url)
-        if name_target is not None:
-            dest, exclusive = name_target
-            source = staged_path if info.new else store.blob_path(info.sha256)
-            if not os.path.exists(source):
-                source = staged_path
-            try:
-                previous = store.link_name(source, dest, exclusive)
-            except BucketError:
-                if info.new:
-                    store.release(info.sha256)  # a refused upload keeps nothing
-                raise
-            relpath = store.relpath(dest)
-            store.set_expiry(relpath, retain_until)
-            if previous and previous != info.sha256:
-                store.release(previous)
-            entry["name_path"] = relpath
-            entry["url_name"] = self.server.url(relpath)
-        entry.update(Expander(store, self.server.url).expand(info, head, filename))
-        if name_target is None:
-            tree = entry["extracted"]["path"] if entry["extracted"] else None
-            replicas, skipped = make_replicas(
-                store, self.server.config.replicate, self.headers, filename,
-                store.blob_path(info.sha256),
-                os.path.join(store.root, tree) if tree else None, retain_until)
-            entry["replicas"] = replicas
-            entry["replicas_skipped"] = skipped
-        self.server.log_event("stored", name=filename, sha256=info.sha256, size=info.size,
-                              stored="new" if info.new else "existing")
-        return entry
-
-    def describe_deployed(self, name, sha256, names, retain_until, pin):
-        store = self.server.store
-        path = store.blob_path(sha256)
-        with open(path, "rb") as handle:
-            head = handle.read(StagedBlob.SNIFF_BYTES)
-        info = BlobInfo(sha256, os.stat(path).st_size, store.digests_of(path), False,
-                        store.blob_relpath(sha256))
-        if pin:
-            store.pin(sha256, retain_until)
-        entry = describe_blob(info, name, head, self.server.url)
-        entry.update({"decompressed": None, "extracted": None, "expansion_error": None,
-                      "deployed": True})
-        if names:
-            dest, exclusive = names[0]
-            previous = store.link_name(path, dest, exclusive)
-            relpath = store.relpath(dest)
-            store.set_expiry(relpath, retain_until)
-            if previous and previous != sha256:
-                store.release(previous)
-            entry["name_path"] = relpath
-            entry["url_name"] = self.server.url(relpath)
-        return entry
+    def commit_upload(self, received):
+        """Store what the request delivered (one transaction); answer JSON."""
+        server = self.server
+        stored = UploadTransaction(server.store, server.config.replicate).commit(received)
+        for item in stored:
+            server.log_event("stored", name=item.filename, sha256=item.blob.sha256,
+                             size=item.blob.size, stored="new" if item.blob.new else "existing")
+        status = 201 if any(item.blob.new or item.name for item in stored) else 200
+        headers = {"Location": server.url(stored[0].name)} if stored[0].name else {}
+        self.send_json(status, upload_receipt(status, stored, server.url,
+                                              server.config.checksum_type), headers)
 
     # -- reading names and trees ---------------------------------------------
 
@@ -3343,14 +3715,9 @@ class Handler(BaseHTTPRequestHandler):
         if writer is None:
             return
         if suffix == "zip":
-            with zipfile.ZipFile(writer, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
-                for full, arcname in walk_tree(path):
-                    archive.write(full, arcname)
+            write_tree_zip(writer, path)
         else:
-            mode = "w|gz" if suffix == "tar.gz" else "w|"
-            with tarfile.open(fileobj=writer, mode=mode, format=tarfile.PAX_FORMAT) as archive:
-                for full, arcname in walk_tree(path):
-                    archive.add(full, arcname, recursive=False)
+            write_tree_tar(writer, path, "w|gz" if suffix == "tar.gz" else "w|")
         writer.close()
         self.response_bytes += writer.sent
 
@@ -3373,27 +3740,66 @@ class Handler(BaseHTTPRequestHandler):
                              "names": counts[0], "reclaimed": counts[1]})
 
 
-def walk_tree(root):
-    """(path, archive name) of every file and link under ``root``, sorted.
+FILE_MODE, DIR_MODE = 0o644, 0o755  # in downloaded archives: the store's
+                                    # read-only modes would follow the files
 
-    Symlinks are kept as links (tar) or followed when they stay inside
-    ``root`` (zip); directories come before what they hold.
+
+def walk_tree(root):
+    """(path, archive name, is a directory) of everything under ``root``,
+    sorted, directories before what they hold.
+
+    Symlinks that stay inside ``root`` and lead to a file are followed
+    (the member is a regular file); others are left out.
     """
+    real_root = os.path.realpath(root)
     for parent, dirs, files in os.walk(root):
         dirs.sort()
         rel = os.path.relpath(parent, root)
+        prefix = "" if rel == "." else rel.replace(os.sep, "/") + "/"
+        for name in dirs:
+            if not os.path.islink(os.path.join(parent, name)):
+                yield os.path.join(parent, name), prefix + name, True
         for name in sorted(files) + [d for d in dirs if os.path.islink(os.path.join(parent, d))]:
-            if name.startswith(".~"):
+            if name.startswith(RESERVED_PREFIX):
                 continue
             full = os.path.join(parent, name)
-            arcname = name if rel == "." else rel.replace(os.sep, "/") + "/" + name
             if os.path.islink(full):
                 target = os.path.realpath(full)
-                if not (target == root or target.startswith(os.path.realpath(root) + os.sep)):
+                if not target.startswith(real_root + os.sep) or not os.path.isfile(target):
                     continue
-                if os.path.isdir(target):
-                    continue
-            yield full, arcname
+            yield full, prefix + name, False
+
+
+def write_tree_zip(sink, root):
+    """``root`` as a zip (stored, not compressed) written to ``sink``."""
+    with zipfile.ZipFile(sink, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for full, arcname, is_dir in walk_tree(root):
+            info = zipfile.ZipInfo.from_file(full, arcname)
+            if is_dir:
+                info.external_attr = (stat.S_IFDIR | DIR_MODE) << 16 | 0x10
+                archive.writestr(info, b"")
+                continue
+            info.external_attr = (stat.S_IFREG | FILE_MODE) << 16
+            with open(full, "rb") as source, archive.open(info, "w") as target:
+                shutil.copyfileobj(source, target, CHUNK_SIZE)
+
+
+def write_tree_tar(sink, root, mode):
+    """``root`` as a tar (``mode`` "w|" or "w|gz") written to ``sink``:
+    regular files and directories only, never hardlink members (names of
+    one blob are hardlinks, and extracting one of them alone would fail)."""
+    with tarfile.open(fileobj=sink, mode=mode, format=tarfile.PAX_FORMAT) as archive:
+        for full, arcname, is_dir in walk_tree(root):
+            st = os.stat(full)
+            info = tarfile.TarInfo(arcname)
+            info.mtime = int(st.st_mtime)
+            if is_dir:
+                info.type, info.mode = tarfile.DIRTYPE, DIR_MODE
+                archive.addfile(info)
+                continue
+            info.type, info.mode, info.size = tarfile.REGTYPE, FILE_MODE, st.st_size
+            with open(full, "rb") as source:
+                archive.addfile(info, source)
 
 
 def listing_entry(store, directory, name):
@@ -3418,57 +3824,117 @@ def listing_entry(store, directory, name):
     return entry
 
 
-def stated_digests(headers):
-    """{algorithm: (header, hex)} of the digests a client says it sent.
+_DIGEST_BYTES = {"md5": 16, "sha1": 20, "sha256": 32, "sha512": 64}
 
-    Content-MD5 (base64), Repr-Digest / Content-Digest (RFC 9530) and
-    X-Checksum-<Alg> (hex).  Raises BadRequest for an unreadable value
-    or two headers that disagree.
+
+def stated_digests(headers):
+    """{algorithm: (label, hex)} of the digests a client says it sent.
+
+    Content-MD5 (base64 of the 16-byte digest), Repr-Digest /
+    Content-Digest (RFC 9530: ``sha-256=:<base64>:``, ``sha-512=...``) and
+    X-Checksum-<Alg> (hex).  The label names the header and, for the
+    RFC 9530 ones, the algorithm (``Repr-Digest sha-256``).  Raises
+    BadRequest for an unreadable value (read before the body) or two
+    headers that disagree.
     """
     stated = {}
 
-    def state(algorithm, header, value):
+    def state(algorithm, label, value):
         value = value.lower()
         if algorithm in stated and stated[algorithm][1] != value:
-            raise BadRequest("%s and %s disagree" % (stated[algorithm][0], header))
-        stated[algorithm] = (header, value)
+            raise BadRequest("%s and %s disagree" % (stated[algorithm][0], label))
+        stated[algorithm] = (label, value)
+
+    def decode(label, algorithm, text, hint):
+        try:
+            raw = base64.b64decode(text, validate=True)
+        except binascii.Error:
+            raw = b""
+        if len(raw) != _DIGEST_BYTES[algorithm]:
+            raise BadRequest("%s must be the base64 of the %d-byte %s digest%s"
+                             % (label, _DIGEST_BYTES[algorithm], algorithm, hint))
+        state(algorithm, label, raw.hex())
 
     md5 = headers.get("content-md5")
     if md5:
-        try:
-            state("md5", "Content-MD5", base64.b64decode(md5.strip(), validate=True).hex())
-        except binascii.Error:
-            raise BadRequest("Content-MD5 is not base64")
+        decode("Content-MD5", "md5", md5.strip(),
+               " (24 characters); a hex digest goes in X-Checksum-Md5")
     for header in ("Repr-Digest", "Content-Digest"):
         value = headers.get(header)
         if not value:
             continue
         for item in value.split(","):
             key, _, encoded = item.strip().partition("=")
-            algorithm = {"sha-256": "sha256", "sha-512": "sha512"}.get(key.strip().lower())
+            key = key.strip().lower()
+            algorithm = {"sha-256": "sha256", "sha-512": "sha512"}.get(key)
             if algorithm is None:
-                continue
+                continue  # RFC 9530: unknown algorithms are ignored
             encoded = encoded.strip()
-            if not (encoded.startswith(":") and encoded.endswith(":")):
-                raise BadRequest("%s value for %s must be :base64:" % (header, key))
-            try:
-                state(algorithm, header, base64.b64decode(encoded[1:-1], validate=True).hex())
-            except binascii.Error:
-                raise BadRequest("%s value for %s is not base64" % (header, key))
+            label = "%s %s" % (header, key)
+            if not (encoded.startswith(":") and encoded.endswith(":")) or len(encoded) < 2:
+                raise BadRequest("%s must be :base64: (RFC 9530)" % label)
+            decode(label, algorithm, encoded[1:-1], ", between colons")
     for algorithm, length in (("md5", 32), ("sha1", 40), ("sha256", 64), ("sha512", 128)):
         header = "X-Checksum-" + algorithm.capitalize()
         value = headers.get(header)
         if value is None:
             continue
         value = value.strip()
-        if len(value) != length or not re.match(r"^[0-9a-fA-F]+$", value):
+        if len(value) != length or not _HEX.match(value):
             raise BadRequest("%s must be %d hex digits" % (header, length))
         state(algorithm, header, value)
     return stated
 
 
+def check_stated_digests(expected, digests):
+    """Raise BadRequest naming the first stated digest the body does not have."""
+    for algorithm, (label, value) in expected.items():
+        if digests[algorithm] != value:
+            raise BadRequest("%s mismatch: header says %s, body has %s; nothing stored"
+                             % (label, value, digests[algorithm]))
+
+
+def blob_receipt(name, info, mime, url):
+    """The receipt's description of one stored blob."""
+    return {"name": name, "size": info.size, "mime": mime, "checksums": info.digests,
+            "stored": "new" if info.new else "existing", "path": info.path,
+            "url": url("checksum/" + info.sha256)}
+
+
+def file_receipt(stored, url):
+    """The receipt entry of one StoredFile."""
+    entry = blob_receipt(stored.filename, stored.blob, stored.mime, url)
+    if stored.deployed:
+        entry["deployed"] = True
+    if stored.name:
+        entry["name_path"] = stored.name
+        entry["url_name"] = url(stored.name)
+    expansion = stored.expansion
+    derived, tree = expansion.decompressed, expansion.tree
+    entry["decompressed"] = derived and blob_receipt(derived.name, derived.blob,
+                                                     derived.mime, url)
+    entry["extracted"] = tree and {
+        "path": tree.path, "url": url(tree.path), "count": len(tree.files),
+        "files": tree.files[:MAX_JSON_LIST], "skipped": tree.skipped,
+        "existing": tree.existing}
+    entry["expansion_error"] = expansion.error
+    if not stored.name:
+        entry["replicas"] = stored.replicas
+        entry["replicas_skipped"] = stored.replicas_skipped
+    return entry
+
+
+def upload_receipt(status, stored, url, checksum_type):
+    """The JSON answer to an upload: every file, and the original
+    server's "checksum" and "path" keys for the first one."""
+    entries = [file_receipt(item, url) for item in stored]
+    receipt = {"code": status, "status": "Success", "files": entries}
+    receipt.update(seed_keys(entries[0], checksum_type))
+    return receipt
+
+
 def seed_keys(entry, checksum_type):
-    """The seed's "checksum" and "path" keys for the first file."""
+    """The original server's "checksum" and "path" keys for one file."""
     decompressed = entry.get("decompressed")
     extracted = entry.get("extracted")
     archive_key = None
@@ -3847,13 +4313,37 @@ def verify_store(config, out):
 def make_ssl_context(config):
     if not config.certfile:
         return None
+    for flag, path in (("--certfile", config.certfile), ("--keyfile", config.keyfile)):
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise ConfigError("%s %s: %s" % (flag, path, exc.strerror or exc))
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
         context.load_cert_chain(config.certfile, config.keyfile)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError("--certfile/--keyfile: %s" % exc)
+    except ssl.SSLError as exc:
+        if "KEY_VALUES_MISMATCH" in str(exc) or "key values mismatch" in str(exc):
+            raise ConfigError("--keyfile %s is not the key of --certfile %s"
+                              % (config.keyfile, config.certfile))
+        raise ConfigError("--certfile %s / --keyfile %s: not a PEM certificate chain and "
+                          "its private key (%s)" % (config.certfile, config.keyfile,
+                                                    exc.reason or exc))
     return context
+
+
+def bind_error(config, exc):
+    """A one-line reason why the server could not listen."""
+    where = "%s:%d" % (config.bind or "*", config.port)
+    reasons = {errno.EADDRINUSE: "address already in use (another server on that port?)",
+               errno.EACCES: "permission denied (ports below 1024 need root or "
+                             "CAP_NET_BIND_SERVICE)",
+               errno.EADDRNOTAVAIL: "no such address on this machine (--bind)"}
+    reason = reasons.get(getattr(exc, "errno", None)) or getattr(exc, "strerror", None) or exc
+    if isinstance(exc, socket.gaierror):
+        reason = "cannot resolve --bind %r" % config.bind
+    return "cannot listen on %s: %s" % (where, reason)
 
 
 def main(argv=None):
@@ -3879,9 +4369,15 @@ def main(argv=None):
 
     try:
         store = Store(config, log)
+    except OSError as exc:
+        sys.stderr.write("http_bucket: error: cannot use ARCHIVE_DIR %s: %s\n"
+                         % (config.directory, exc.strerror or exc))
+        return 2
+    try:
         server = BucketServer(config, store, ssl_context)
     except OSError as exc:
-        sys.stderr.write("http_bucket: error: cannot start: %s\n" % exc)
+        sys.stderr.write("http_bucket: error: %s\n" % bind_error(config, exc))
+        store.journal.close()
         return 2
     host, port = server.server_address[:2]
     shown = "[%s]" % host if ":" in host else host
@@ -3893,7 +4389,7 @@ def main(argv=None):
     if not config.token and host not in ("127.0.0.1", "::1", "localhost"):
         log("warning: listening beyond loopback without BUCKET_TOKEN: anyone who "
             "reaches this port can write and delete")
-    threading.Thread(target=store.load, name="index-load", daemon=True).start()
+    threading.Thread(target=store.journals.load, name="index-load", daemon=True).start()
     sweeper = Sweeper(store, config.sweep_interval)
     sweeper.start()
     stopping = threading.Event()

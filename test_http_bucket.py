@@ -426,37 +426,43 @@ class ParseSizeTest(unittest.TestCase):
                 http_bucket.parse_size(text)
 
 
-class SafeFilenameTest(unittest.TestCase):
+class ClientFilenameTest(unittest.TestCase):
+    """One rule for a client's file name, multipart or PUT (issue 9)."""
 
     def test_directories_are_dropped(self):
-        self.assertEqual(http_bucket.safe_filename("../../etc/passwd"), "passwd")
-        self.assertEqual(http_bucket.safe_filename("C:\\Users\\me\\report.xml"), "report.xml")
-        self.assertEqual(http_bucket.safe_filename("..\\..\\evil.txt"), "evil.txt")
-        self.assertEqual(http_bucket.safe_filename("/abs/path/x.txt"), "x.txt")
+        self.assertEqual(http_bucket.client_filename("../../etc/passwd"), "passwd")
+        self.assertEqual(http_bucket.client_filename("C:\\Users\\me\\report.xml"), "report.xml")
+        self.assertEqual(http_bucket.client_filename("..\\..\\evil.txt"), "evil.txt")
+        self.assertEqual(http_bucket.client_filename("/abs/path/x.txt"), "x.txt")
 
-    def test_nothing_harmful_is_left(self):
-        for raw in ("a\x00b.txt", "a\nb", "\x7f", "..", ".", "", "/", "../", "a/..", ".hidden"):
-            name = http_bucket.safe_filename(raw)
+    def test_harmful_names_are_refused_not_rewritten(self):
+        for raw, fragment in (("a\x00b.txt", "separator or NUL"), ("a\nb", "control character"),
+                              ("\x7f", "control character"), ("..", "not allowed"),
+                              (".", "not allowed"), ("", "not allowed"), ("/", "not allowed"),
+                              ("../", "not allowed"), ("a/..", "not allowed"),
+                              (".~tmp", "reserved"), ("a" * 300 + ".txt", "255 bytes")):
+            with self.assertRaises(http_bucket.BadRequest, msg=repr(raw)) as caught:
+                http_bucket.client_filename(raw)
+            self.assertIn(fragment, caught.exception.message, repr(raw))
+
+    def test_ordinary_names_are_kept_as_sent(self):
+        for raw in ("results.xml", "r\u00e9sum\u00e9.pdf", "\u20ac.txt", "a b.tar.gz", ".hidden",
+                    'say "hi".txt', "<img src=x onerror=alert(1)>.txt", "\u20ac" * 85):
+            self.assertEqual(http_bucket.client_filename(raw), raw)
+
+
+class HeaderSegmentTest(unittest.TestCase):
+    """Replica directories from free-text header values."""
+
+    def test_values_become_one_harmless_segment(self):
+        for raw in ("a\x00b", "a/b", "..", ".", "", "../x", "a\\b", "  "):
+            name = http_bucket.header_segment(raw)
             self.assertTrue(name, raw)
-            self.assertNotIn("\x00", name)
             self.assertNotIn("/", name)
             self.assertNotIn("\\", name)
-            self.assertNotIn(name, (".", ".."))
             self.assertFalse(name.startswith("."), (raw, name))
-            self.assertFalse(any(ord(ch) < 32 for ch in name), (raw, name))
-
-    def test_long_names_are_cut_to_255_bytes(self):
-        for raw in ("a" * 300 + ".txt", "\u20ac" * 200 + ".xml", "b" * 1000):
-            name = http_bucket.safe_filename(raw)
-            encoded = name.encode("utf-8")
-            self.assertLessEqual(len(encoded), 255, raw[:20])
-            self.assertGreater(len(encoded), 200, raw[:20])
-            encoded.decode("utf-8")  # still whole characters
-        self.assertTrue(http_bucket.safe_filename("a" * 300 + ".txt").endswith(".txt"))
-
-    def test_ordinary_names_are_kept(self):
-        for raw in ("results.xml", "r\u00e9sum\u00e9.pdf", "\u20ac.txt", "a b.tar.gz"):
-            self.assertEqual(http_bucket.safe_filename(raw), raw)
+        self.assertEqual(http_bucket.header_segment("alice"), "alice")
+        self.assertLessEqual(len(http_bucket.header_segment("\u20ac" * 200).encode()), 255)
 
 
 class SplitUrlPathTest(unittest.TestCase):
@@ -793,7 +799,7 @@ class StoreTest(unittest.TestCase):
         config = http_bucket.Config(directory=self.tmp.name, fsync=False)
         store = http_bucket.Store(config)
         self.stores.append(store)
-        store.load()
+        store.journals.load()
         return store
 
     def store_bytes(self, store, data, pin=True):
@@ -801,7 +807,9 @@ class StoreTest(unittest.TestCase):
             for start in range(0, len(data), 1000):
                 staged.write(memoryview(data)[start:start + 1000])
             digests = staged.finish()
-            info = store.publish(staged, pin=pin)
+            info = store.publish(staged)
+            if pin:
+                store.pin(info.sha256)
         return digests, info
 
     def test_publish_lookup_and_reload(self):
@@ -1398,7 +1406,7 @@ class HttpTest(ServerTestCase):
         self.assertEqual(reply.status, 201, reply)
         files = reply.json()["files"]
         self.assertEqual(files[0]["name"], "\u20ac.txt")
-        self.assertEqual(files[1]["name"], http_bucket.safe_filename('say "hi".txt'))
+        self.assertEqual(files[1]["name"], 'say "hi".txt')
 
     # -- connections -----------------------------------------------------------------
 
