@@ -405,6 +405,49 @@ def json_bytes(obj):
         "utf-8", "backslashreplace")
 
 
+_HEX = re.compile(r"^[0-9a-fA-F]+$")
+
+
+
+def _unlink_quietly(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+
+def _rmdir_quietly(path):
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
+
+
+
+def _scandirs(path):
+    try:
+        return sorted((entry for entry in os.scandir(path)
+                       if entry.is_dir(follow_symlinks=False)), key=lambda e: e.name)
+    except FileNotFoundError:
+        return []
+
+
+
+def _return_free_memory():
+    """Give the memory startup used and freed back to the system.
+
+    Reading journals and scanning the blob tree leave freed heap behind
+    that glibc keeps; RSS after reconciling 100,000 blobs was 511 bytes a
+    blob against 282 when the index was ready.  Best effort: glibc only.
+    """
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError, ImportError):
+        pass
+
+
 # ===========================================================================
 # Configuration: one table of settings -> flags, variables, /config, README
 # ===========================================================================
@@ -1051,6 +1094,105 @@ class StagedBlob:
 BlobInfo = collections.namedtuple("BlobInfo", "sha256 size digests new path")
 
 
+class Journal:
+    """This process's append-only record of blobs, pins and retention.
+
+    One file per process in ``index/`` (several processes may share the
+    directory), tab-separated lines:
+
+        B <time> <size> <alg>=<hex> ...      a blob and its digests
+        P <time> <sha256> <retain_until>      pinned: kept without a name
+        U <time> <sha256>                     unpinned
+        D <time> <sha256> <derived sha256>    decompressed from it: goes with it
+        E <time> <retain_until> <relpath>     a name's expiry (0: none)
+        R <time> <sha256> <reason>            blob removed (deleted, expired,
+                                              evicted, undone, reclaimed)
+
+    The file is locked (fcntl) while its process lives: an unlockable
+    journal belongs to a live process.  Lines are written whole with one
+    O_APPEND write: a B line before the blob it describes becomes visible,
+    an R line after the blob is gone, the other lines of a request at its
+    commit point (Transaction).
+    """
+
+    KINDS = ("B", "P", "U", "D", "E", "R")
+
+    def __init__(self, directory, process_id):
+        self.directory = directory
+        self.path = os.path.join(directory, process_id + ".log")
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def line(kind, *fields):
+        """One journal line: the kind, the time now, the fields."""
+        return "%s\t%.3f\t%s\n" % (kind, utc_now(), "\t".join(str(field) for field in fields))
+
+    def write(self, kind, *fields):
+        self.write_lines([self.line(kind, *fields)])
+
+    def write_lines(self, lines):
+        """Append whole lines with one write; raises InsufficientStorage
+        when the disk is full."""
+        try:
+            os.write(self.fd, "".join(lines).encode("utf-8", "surrogateescape"))
+        except OSError as exc:
+            raise_storage_error(exc)
+
+    def blob(self, size, digests):
+        self.write("B", size, *("%s=%s" % item for item in sorted(digests.items())))
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    @staticmethod
+    def owner_alive(path):
+        """True when the process that wrote journal ``path`` still runs."""
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        finally:
+            os.close(fd)  # also releases a lock we took
+        return False
+
+
+def parse_journal_line(line):
+    """One journal line -> (kind, time, fields) or None when torn/unknown."""
+    if not line.endswith("\n"):
+        return None  # torn by a crash mid-write: ignored
+    fields = line[:-1].split("\t")
+    if len(fields) < 3 or fields[0] not in Journal.KINDS:
+        return None
+    try:
+        return fields[0], float(fields[1]), fields[2:]
+    except ValueError:
+        return None
+
+
+def _forever(fields):
+    """True for the fields of a P record that pins with no retention."""
+    return len(fields) < 2 or fields[1] in ("0", "0.0", "0.000")
+
+
+
+def _field_digest(fields, algorithm):
+    prefix = algorithm + "="
+    for field in fields:
+        if field.startswith(prefix):
+            return field[len(prefix):]
+    return None
+
+
+
+
 class ChecksumIndex:
     """digest -> blob, for every configured algorithm but sha256.
 
@@ -1178,89 +1320,6 @@ class Pins:
             yield Journal.line("P", "%032x" % key, "0.000")
         for sha256, until in list(self.until.items()):
             yield Journal.line("P", sha256, "%.3f" % until)
-
-
-class Journal:
-    """This process's append-only record of blobs, pins and retention.
-
-    One file per process in ``index/`` (several processes may share the
-    directory), tab-separated lines:
-
-        B <time> <size> <alg>=<hex> ...      a blob and its digests
-        P <time> <sha256> <retain_until>      pinned: kept without a name
-        U <time> <sha256>                     unpinned
-        D <time> <sha256> <derived sha256>    decompressed from it: goes with it
-        E <time> <retain_until> <relpath>     a name's expiry (0: none)
-        R <time> <sha256> <reason>            blob removed (deleted, expired,
-                                              evicted, undone, reclaimed)
-
-    The file is locked (fcntl) while its process lives: an unlockable
-    journal belongs to a live process.  Lines are written whole with one
-    O_APPEND write: a B line before the blob it describes becomes visible,
-    an R line after the blob is gone, the other lines of a request at its
-    commit point (Transaction).
-    """
-
-    KINDS = ("B", "P", "U", "D", "E", "R")
-
-    def __init__(self, directory, process_id):
-        self.directory = directory
-        self.path = os.path.join(directory, process_id + ".log")
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        self.lock = threading.Lock()
-
-    @staticmethod
-    def line(kind, *fields):
-        """One journal line: the kind, the time now, the fields."""
-        return "%s\t%.3f\t%s\n" % (kind, utc_now(), "\t".join(str(field) for field in fields))
-
-    def write(self, kind, *fields):
-        self.write_lines([self.line(kind, *fields)])
-
-    def write_lines(self, lines):
-        """Append whole lines with one write; raises InsufficientStorage
-        when the disk is full."""
-        try:
-            os.write(self.fd, "".join(lines).encode("utf-8", "surrogateescape"))
-        except OSError as exc:
-            raise_storage_error(exc)
-
-    def blob(self, size, digests):
-        self.write("B", size, *("%s=%s" % item for item in sorted(digests.items())))
-
-    def close(self):
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-    @staticmethod
-    def owner_alive(path):
-        """True when the process that wrote journal ``path`` still runs."""
-        try:
-            fd = os.open(path, os.O_RDWR)
-        except FileNotFoundError:
-            return False
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return True
-        finally:
-            os.close(fd)  # also releases a lock we took
-        return False
-
-
-def parse_journal_line(line):
-    """One journal line -> (kind, time, fields) or None when torn/unknown."""
-    if not line.endswith("\n"):
-        return None  # torn by a crash mid-write: ignored
-    fields = line[:-1].split("\t")
-    if len(fields) < 3 or fields[0] not in Journal.KINDS:
-        return None
-    try:
-        return fields[0], float(fields[1]), fields[2:]
-    except ValueError:
-        return None
 
 
 class JournalSet:
@@ -2060,58 +2119,6 @@ class Store:
         _rmdir_quietly(path)
         self.set_expiry(self.relpath(path), 0)
         return names, reclaimed
-
-
-_HEX = re.compile(r"^[0-9a-fA-F]+$")
-
-
-def _forever(fields):
-    """True for the fields of a P record that pins with no retention."""
-    return len(fields) < 2 or fields[1] in ("0", "0.0", "0.000")
-
-
-def _return_free_memory():
-    """Give the memory startup used and freed back to the system.
-
-    Reading journals and scanning the blob tree leave freed heap behind
-    that glibc keeps; RSS after reconciling 100,000 blobs was 511 bytes a
-    blob against 282 when the index was ready.  Best effort: glibc only.
-    """
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError, ImportError):
-        pass
-
-
-def _scandirs(path):
-    try:
-        return sorted((entry for entry in os.scandir(path)
-                       if entry.is_dir(follow_symlinks=False)), key=lambda e: e.name)
-    except FileNotFoundError:
-        return []
-
-
-def _field_digest(fields, algorithm):
-    prefix = algorithm + "="
-    for field in fields:
-        if field.startswith(prefix):
-            return field[len(prefix):]
-    return None
-
-
-def _unlink_quietly(path):
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
-def _rmdir_quietly(path):
-    try:
-        os.rmdir(path)
-    except OSError:
-        pass
 
 
 # ===========================================================================
@@ -2972,7 +2979,8 @@ class UploadTransaction:
 
 
 # ===========================================================================
-# HTTP: request parsing, the one dispatcher, routes
+# HTTP pieces: request headers, streamed bodies, integrity headers, the
+# JSON receipt of an upload, listings and folder archives
 # ===========================================================================
 
 
@@ -3045,699 +3053,6 @@ def content_disposition(name, disposition="inline"):
     ascii_name = name.encode("ascii", "replace").decode("ascii").replace('"', "_").replace("\\", "_")
     quoted = urllib.parse.quote(name, safe="")
     return '%s; filename="%s"; filename*=UTF-8\'\'%s' % (disposition, ascii_name, quoted)
-
-
-class Handler(BaseHTTPRequestHandler):
-    """One connection: reads requests, routes them, answers in JSON or files.
-
-    Every refusal is raised as a BucketError and answered in ``dispatch``,
-    the only place that turns exceptions into responses.
-    """
-
-    protocol_version = "HTTP/1.1"
-    server_version = "http_bucket/" + __version__
-    sys_version = ""
-
-    # -- connection and request line -----------------------------------------
-
-    def setup(self):
-        self.timeout = self.server.config.timeout or None
-        super().setup()
-        try:
-            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass  # not TCP (tests on a socketpair)
-        self.handshake_error = None
-        if isinstance(self.connection, ssl.SSLSocket):
-            try:
-                self.connection.do_handshake()
-            except (ssl.SSLError, OSError) as exc:
-                self.handshake_error = exc  # a plain-HTTP client, a scanner
-
-    def handle(self):
-        if self.handshake_error is not None:
-            self.server.log_event("message", text="TLS handshake with %s failed: %s" % (
-                self.client_address[0], self.handshake_error))
-            return
-        try:
-            super().handle()
-        except (ConnectionError, socket.timeout, ssl.SSLError, OSError):
-            pass  # the client went away or stalled: nothing to answer
-
-    def handle_one_request(self):
-        self.close_connection = True
-        self.started = time.monotonic()
-        self.body = None
-        self.response_status = 0
-        self.response_bytes = 0
-        self.command = self.path = ""
-        reaper = self.server.reaper
-        reaper.watch(self.connection)  # request line and headers in time
-        try:
-            line = self.rfile.readline(MAX_REQUEST_LINE + 1)
-            if not line:
-                return
-            self.raw_requestline = line
-            self.parse_request_fast(line)
-        except (socket.timeout, OSError, ClientGone):
-            return
-        except BucketError as exc:
-            self.request_version = "HTTP/1.1"
-            if not self.command:  # the request line itself was refused
-                self.command, self.path = "-", line[:200].decode("latin-1").strip()
-            self.send_error_json(exc)
-            self.log_access()
-            return
-        finally:
-            reaper.release(self.connection)
-        self.dispatch()
-        self.log_access()
-
-    def parse_request_fast(self, line):
-        """Request line and headers; raises BadRequest (sets close)."""
-        if len(line) > MAX_REQUEST_LINE:
-            raise URITooLong("request line over %d bytes" % MAX_REQUEST_LINE)
-        words = line.decode("latin-1").rstrip("\r\n").split(" ")
-        if len(words) != 3 or not words[2].startswith("HTTP/1."):
-            raise BadRequest("malformed request line %r" % line[:80].decode("latin-1"))
-        self.command, self.path, self.request_version = words
-        self.requestline = "%s %s %s" % tuple(words)
-        self.headers = self.read_headers()
-        connection = self.headers.get("connection", "").lower()
-        if self.request_version == "HTTP/1.1":
-            self.close_connection = "close" in connection
-        else:
-            self.close_connection = "keep-alive" not in connection
-
-    def read_headers(self):
-        headers = Headers()
-        for _ in range(MAX_HEADERS + 1):
-            line = self.rfile.readline(MAX_HEADER_LINE + 1)
-            if len(line) > MAX_HEADER_LINE:
-                raise HeaderFieldsTooLarge("header line over %d bytes" % MAX_HEADER_LINE)
-            if line in (b"\r\n", b"\n"):
-                return headers
-            if not line:
-                raise ClientGone("connection closed inside the headers")
-            name, sep, value = line.decode("latin-1").partition(":")
-            if not sep or not name or name != name.strip():
-                raise BadRequest("malformed header line %r" % line[:60].decode("latin-1"))
-            name = name.lower()
-            value = value.strip()
-            headers[name] = headers[name] + ", " + value if name in headers else value
-        raise HeaderFieldsTooLarge("more than %d header lines" % MAX_HEADERS)
-
-    # -- the dispatcher ------------------------------------------------------
-
-    ROUTES = {
-        "GET": {"": "page", "upload": "upload_form", "checksum": "get_checksum",
-                "files": "get_path", "explode": "get_path", "replica": "get_path",
-                "config": "get_config", "healthz": "get_health", "metrics": "get_metrics"},
-        "POST": {"upload": "post_upload", "files": "post_files"},
-        "PUT": {"upload": "put_upload", "files": "put_files"},
-        "DELETE": {"files": "delete_path", "replica": "delete_path",
-                   "checksum": "delete_checksum"},
-    }
-    ROUTES["HEAD"] = ROUTES["GET"]
-    OPEN_ROUTES = ("get_health",)  # answered without the read token
-
-    def dispatch(self):
-        self.server.busy_change(+1)
-        try:
-            url = urllib.parse.urlsplit(self.path)
-            self.url_path = url.path
-            self.query = dict(urllib.parse.parse_qsl(url.query, keep_blank_values=True))
-            top, _, self.rest = url.path.lstrip("/").partition("/")
-            name = self.ROUTES.get(self.command, {}).get(top)
-            if name is None:
-                allowed = [method for method, table in self.ROUTES.items() if top in table]
-                if allowed:
-                    raise MethodNotAllowed("%s not allowed on /%s" % (self.command, top),
-                                           headers={"Allow": ", ".join(sorted(allowed))})
-                raise NotFound("no such endpoint: /%s" % top)
-            self.authorize(name)
-            getattr(self, "route_" + name)()
-        except BucketError as exc:
-            self.send_error_json(exc)
-        except ClientGone:
-            self.close_connection = True
-        except (ConnectionError, socket.timeout, ssl.SSLError):
-            self.close_connection = True
-        except Exception:
-            self.log_message("internal error on %s %s\n%s", self.command, self.path,
-                             traceback.format_exc())
-            self.send_error_json(BucketError("internal error; see the server log"))
-        finally:
-            self.server.busy_change(-1)
-            if self.body_unread():
-                self.close_connection = True
-
-    def body_unread(self):
-        if self.body is not None:
-            return not self.body.finished
-        length = self.headers.get("content-length", "0") if hasattr(self, "headers") else "0"
-        chunked = "chunked" in (self.headers.get("transfer-encoding", "") if hasattr(self, "headers") else "")
-        return chunked or length not in ("", "0")
-
-    # -- access control ------------------------------------------------------
-
-    def authorize(self, route):
-        server = self.server
-        write = self.command in ("POST", "PUT", "DELETE")
-        tokens = [server.token] if write else [server.read_token, server.token]
-        if not (server.token if write else server.read_token) or route in self.OPEN_ROUTES:
-            return
-        offered = self.offered_token()
-        if offered is not None:
-            for token in tokens:
-                if token and hmac.compare_digest(offered.encode(), token.encode()):
-                    return
-        raise Unauthorized(
-            "a valid token is needed to %s" % ("write" if write else "read"),
-            headers={"WWW-Authenticate": AUTH_CHALLENGES})
-
-    def offered_token(self):
-        value = self.headers.get("authorization", "")
-        scheme, _, credentials = value.partition(" ")
-        if scheme.lower() == "bearer":
-            return credentials.strip()
-        if scheme.lower() == "basic":
-            try:
-                decoded = base64.b64decode(credentials.strip(), validate=True).decode("utf-8")
-            except (binascii.Error, UnicodeDecodeError):
-                return None
-            return decoded.partition(":")[2]
-        return None
-
-    # -- responses -----------------------------------------------------------
-
-    def send_head_lines(self, status, headers):
-        if self.body_unread():
-            self.close_connection = True
-        lines = ["HTTP/1.1 %d %s" % (status, _STATUS_PHRASES.get(status, "Unknown")),
-                 "Server: " + self.server_version, "Date: " + cached_http_date()]
-        for name, value in headers.items():
-            if isinstance(value, (list, tuple)):  # a field sent as several lines
-                lines.extend("%s: %s" % (name, item) for item in value)
-            else:
-                lines.append("%s: %s" % (name, value))
-        if self.close_connection:
-            lines.append("Connection: close")
-        self.response_status = status
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
-
-    def send(self, status, body=b"", content_type="application/json", headers=None):
-        """One whole response, written with one send (no delayed-ACK stall)."""
-        all_headers = {"Content-Type": content_type, "Content-Length": str(len(body))}
-        all_headers.update(headers or {})
-        head = self.send_head_lines(status, all_headers)
-        payload = head if self.command == "HEAD" else head + body
-        self.response_bytes += len(body)
-        self.wfile.write(payload)
-
-    def send_json(self, status, obj, headers=None):
-        self.send(status, json_bytes(obj), "application/json", headers)
-
-    def send_error_json(self, exc):
-        if self.response_status:
-            self.close_connection = True  # a response already began
-            return
-        body = {"code": exc.status, "status": "error", "error": exc.message}
-        headers = dict(exc.headers)
-        if self.command == "HEAD":
-            headers["Content-Length"] = "0"  # curl -X HEAD waits for it
-        try:
-            self.send_json(exc.status, body, headers)
-        except (ConnectionError, socket.timeout, ssl.SSLError, OSError):
-            self.close_connection = True
-
-    def send_continue(self):
-        if self.headers.get("expect", "").lower() == "100-continue":
-            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-
-    # -- logging -------------------------------------------------------------
-
-    def log_access(self):
-        if not self.command:
-            return
-        self.server.count_request(self.response_status)
-        self.server.log_event(
-            "access", client=self.client_address[0] if self.client_address else "-",
-            method=self.command, path=self.path[:300], status=self.response_status,
-            bytes=self.response_bytes,
-            ms=round((time.monotonic() - self.started) * 1000, 1))
-
-    def log_message(self, format, *args):
-        self.server.log_event("message", text=format % args)
-
-    # -- request bodies ------------------------------------------------------
-
-    def open_body(self, required=True):
-        """The request's BodyReader; refuses bad framing and oversize bodies."""
-        if self.body is not None:
-            return self.body
-        expect = self.headers.get("expect")
-        if expect is not None and expect.lower() != "100-continue":
-            raise ExpectationFailed("unsupported Expect: %s" % expect)
-        encoding = self.headers.get("transfer-encoding", "").strip().lower()
-        length_text = self.headers.get("content-length")
-        limit = self.server.config.max_content_length
-        if encoding and length_text is not None:
-            raise BadRequest("both Transfer-Encoding and Content-Length sent")
-        if encoding and encoding != "chunked":
-            raise BadRequest("unsupported Transfer-Encoding %r (only chunked)" % encoding)
-        length = None
-        if length_text is not None:
-            if not length_text.isdigit():
-                raise BadRequest("bad Content-Length %r" % length_text[:40])
-            length = int(length_text)
-            if limit and length > limit:
-                raise TooLarge("request body of %d bytes is over MAX_CONTENT_LENGTH "
-                               "(%d bytes)" % (length, limit))
-        elif not encoding and required:
-            raise LengthRequired("send Content-Length or Transfer-Encoding: chunked")
-        self.body = BodyReader(self.rfile, length, chunked=bool(encoding), limit=limit,
-                               before_first_read=self.send_continue,
-                               guard=(self.server.reaper, self.connection))
-        return self.body
-
-    # -- simple routes -------------------------------------------------------
-
-    def route_page(self):
-        if self.rest:
-            raise NotFound("no such endpoint: %s" % self.url_path)
-        self.send(200, PAGE_HTML.encode("utf-8"), "text/html; charset=utf-8",
-                  {"Cache-Control": "no-cache"})
-
-    def route_upload_form(self):
-        self.route_page()
-
-    def route_get_config(self):
-        self.send_json(200, self.server.config.public())
-
-    def route_get_health(self):
-        store = self.server.store
-        self.send_json(200, {"status": "ok", "index_ready": store.ready.is_set(),
-                             "reconciled": store.reconciled.is_set(),
-                             "blobs": len(store.index)})
-
-    def route_get_metrics(self):
-        self.send(200, self.server.metrics().encode(), "text/plain; version=0.0.4")
-
-    # -- checksums -----------------------------------------------------------
-
-    def blob_for_digest(self):
-        hexdigest = self.rest.strip("/").lower()
-        sha256 = self.server.store.lookup(hexdigest)
-        if sha256 is None:
-            raise NotFound("no stored content has checksum %s" % hexdigest)
-        return sha256
-
-    def route_get_checksum(self):
-        sha256 = self.blob_for_digest()
-        path = self.server.store.blob_path(sha256)
-        if self.command == "HEAD":
-            # Content-Length 0: the seed's `curl -X HEAD` reads that many bytes.
-            try:
-                size = os.stat(path).st_size
-            except FileNotFoundError:
-                raise NotFound("no stored content has checksum %s" % sha256)  # just deleted
-            self.send(200, b"", "application/octet-stream",
-                      {"Content-Length": "0", "ETag": '"%s"' % sha256,
-                       "X-Blob-Size": str(size), "X-Checksum-Sha256": sha256})
-            return
-        self.send_file(path, sha256, self.query.get("name") or sha256)
-
-    def route_delete_checksum(self):
-        sha256 = self.blob_for_digest()
-        self.server.store.delete_blob(sha256)
-        self.send_json(200, {"code": 200, "status": "Success", "deleted": sha256})
-
-    # -- uploads -------------------------------------------------------------
-
-    def route_post_upload(self):
-        if self.rest.strip("/"):
-            raise NotFound("POST /upload takes no path; use PUT /upload/<name>")
-        self.commit_upload(self.receive_multipart(None))
-
-    def route_put_upload(self):
-        segments = split_url_path(self.rest, "upload name")
-        name = client_filename(segments[-1], "upload name") if segments else "upload"
-        self.commit_upload(self.receive_raw(name, None))
-
-    def route_put_files(self):
-        segments = self.new_name_segments("file path")
-        if not segments or self.rest.endswith("/"):
-            raise BadRequest("PUT /files/<path> needs a file name (POST a form to a directory)")
-        store = self.server.store
-        dest = os.path.join(store.root, "files", *segments)
-        if self.exclusive() and os.path.lexists(dest):  # refused before the body is read
-            raise PreconditionFailed("files/%s exists (If-None-Match: *)" % "/".join(segments))
-        store.check_name_target(dest)
-        self.commit_upload(self.receive_raw(segments[-1], dest))
-
-    def route_post_files(self):
-        segments = self.new_name_segments("directory path")
-        store = self.server.store
-        directory = os.path.join(store.root, "files", *segments)
-        store.check_name_target(os.path.join(directory, "_"))  # before the body
-        self.commit_upload(self.receive_multipart(directory))
-
-    def new_name_segments(self, what):
-        return [check_new_name(segment, what) for segment in split_url_path(self.rest, what)]
-
-    def exclusive(self):
-        return self.headers.get("if-none-match", "").strip() == "*"
-
-    def retention(self, fields):
-        return upload_retention(self.headers, self.query, fields,
-                                self.server.config.retain_days)
-
-    def receive_multipart(self, directory):
-        """Read a multipart body into staged files: a Received.
-
-        Each file part is named ``directory/<filename>`` (None: /upload).
-        """
-        boundary = multipart_boundary(self.headers.get("content-type"))
-        self.retention({})  # a bad header or query is refused before the body
-        staged_files, fields = self.read_parts(self.open_body(), boundary)
-        try:
-            if not staged_files:
-                raise BadRequest("multipart body has no file part (a part with a filename)")
-            retain_until = self.retention(fields)
-        except BaseException:
-            for staged in staged_files:
-                staged.discard()
-            raise
-        files = [Incoming(staged.filename, staged, None,
-                          os.path.join(directory, staged.filename) if directory else None)
-                 for staged in staged_files]
-        return Received(files, self.exclusive(), retain_until, self.headers)
-
-    def read_parts(self, body, boundary):
-        """Stage the file parts of a multipart body as they stream in.
-
-        Returns ([finished StagedBlob], {field name: text}); the staged
-        files are the caller's to discard.  On any error (a bad part, the
-        client gone, a full disk) every staged file is discarded here.
-        """
-        parser = MultipartParser(boundary)
-        store = self.server.store
-        staged_files, fields = [], {}
-        part = staged = None
-        value = bytearray()
-        field_count = 0
-        try:
-            while True:
-                data = body.read(CHUNK_SIZE)
-                for kind, payload in (parser.feed(data) if data else ()):
-                    if kind == "part":
-                        part, staged, value = payload, None, bytearray()
-                        if part.filename:  # "": a browser's empty file input
-                            staged = store.stage(client_filename(part.filename))
-                            staged_files.append(staged)
-                        elif part.filename is None:
-                            field_count += 1
-                            if field_count > MAX_FIELDS:
-                                raise BadRequest("more than %d form fields" % MAX_FIELDS)
-                    elif kind == "data":
-                        if staged is not None:
-                            staged.write(payload)
-                        elif part.filename is None:
-                            value += payload
-                            if len(value) > MAX_FIELD_SIZE:
-                                raise BadRequest("form field %r over %d bytes"
-                                                 % (part.name, MAX_FIELD_SIZE))
-                    elif staged is not None:
-                        staged.finish()
-                    elif part.filename is None:
-                        fields[part.name] = value.decode("utf-8", "replace")
-                if not data:
-                    parser.close()
-                    return staged_files, fields
-        except BaseException:
-            for staged in staged_files:
-                staged.discard()
-            raise
-
-    def receive_raw(self, name, dest):
-        """Read a raw PUT body into one staged file, verifying the digests
-        the client stated: a Received (or the deploy of a stored blob)."""
-        expected = stated_digests(self.headers)
-        retain_until = self.retention({})
-        if self.headers.get("x-checksum-deploy", "").lower() == "true":
-            sha256 = self.deploy_source(expected)
-            self.close_connection = self.close_connection or self.body_unread()
-            return Received([Incoming(name, None, sha256, dest)], self.exclusive(),
-                            retain_until, self.headers)
-        body = self.open_body()
-        store = self.server.store
-        staged = store.stage(name)
-        try:
-            extra = [algorithm for algorithm in expected if algorithm not in store.algorithms]
-            if extra:
-                staged.digester = Digester(tuple(store.algorithms) + tuple(extra))
-            while True:
-                data = body.read(CHUNK_SIZE)
-                if not data:
-                    break
-                staged.write(data)
-            check_stated_digests(expected, staged.finish())
-        except BaseException:
-            staged.discard()
-            raise
-        return Received([Incoming(name, staged, None, dest)], self.exclusive(), retain_until,
-                        self.headers)
-
-    def deploy_source(self, expected):
-        """X-Checksum-Deploy: the sha256 of the stored blob that has every
-        stated digest; NotFound when none has, body unread."""
-        store = self.server.store
-        if not expected:
-            raise BadRequest("X-Checksum-Deploy needs a digest header (X-Checksum-Sha256, ...)")
-        found = [store.lookup(value) for algorithm, (_, value) in expected.items()
-                 if algorithm in LOOKUP_LENGTHS.values()]
-        sha256 = next((value for value in found if value), None)
-        if sha256 is None:
-            raise NotFound("X-Checksum-Deploy: no stored content has the stated checksum")
-        digests = store.digests_of(store.blob_path(sha256))
-        for algorithm, (header, value) in expected.items():
-            if digests.get(algorithm, value) != value:
-                raise BadRequest("X-Checksum-Deploy: %s does not match the stored content "
-                                 "(it has %s)" % (header, digests[algorithm]))
-        return sha256
-
-    def commit_upload(self, received):
-        """Store what the request delivered (one transaction); answer JSON."""
-        server = self.server
-        stored = UploadTransaction(server.store, server.config.replicate).commit(received)
-        for item in stored:
-            server.log_event("stored", name=item.filename, sha256=item.blob.sha256,
-                             size=item.blob.size, stored="new" if item.blob.new else "existing")
-        status = 201 if any(item.blob.new or item.name for item in stored) else 200
-        headers = {"Location": server.url(stored[0].name)} if stored[0].name else {}
-        self.send_json(status, upload_receipt(status, stored, server.url,
-                                              server.config.checksum_type), headers)
-
-    # -- reading names and trees ---------------------------------------------
-
-    def resolve(self, follow=True):
-        """(top, segments, path) of a /files, /explode or /replica URL.
-
-        With ``follow`` the path is resolved through symlinks and must stay
-        inside ARCHIVE_DIR (NotFound otherwise).
-        """
-        top = self.url_path.lstrip("/").split("/", 1)[0]
-        segments = split_url_path(self.rest, "path")
-        store = self.server.store
-        if follow:
-            path = contained(store.root, top, *segments)
-        else:
-            contained(store.root, top, *segments[:-1])
-            path = os.path.join(store.root, top, *segments)
-        return top, segments, path
-
-    def route_get_path(self):
-        top, segments, path = self.resolve()
-        try:
-            mode = retry_stale(os.stat, path).st_mode
-        except OSError:
-            raise NotFound("%s not found" % "/".join([top] + segments))
-        if stat.S_ISDIR(mode):
-            download = self.query.get("download")
-            if download:
-                self.send_tree_archive(path, segments[-1] if segments else top, download)
-            else:
-                self.send_listing(path, "/".join([top] + segments))
-            return
-        name = segments[-1] if segments else top
-        self.send_file(path, self.server.store.name_sha256(path), name)
-
-    def send_file(self, path, sha256, name):
-        """A file with ETag, Last-Modified, conditional requests and Range."""
-        try:
-            handle = retry_stale(open, path, "rb")
-        except OSError:
-            raise NotFound("%s vanished" % name)
-        try:
-            st = os.fstat(handle.fileno())
-            head = handle.read(StagedBlob.SNIFF_BYTES)
-            etag = '"%s"' % sha256
-            headers = {"ETag": etag, "Last-Modified": http_date(st.st_mtime),
-                       "Accept-Ranges": "bytes", "Content-Type": guess_mime(head, name),
-                       "Content-Disposition": content_disposition(name),
-                       "X-Content-Type-Options": "nosniff",
-                       "Content-Security-Policy": "sandbox"}
-            if self.not_modified(etag, st.st_mtime):
-                self.wfile.write(self.send_head_lines(304, {
-                    key: headers[key] for key in ("ETag", "Last-Modified")}))
-                return
-            start, end, status = self.byte_range(st.st_size, etag, st.st_mtime)
-            headers["Content-Length"] = str(end - start)
-            if status == 206:
-                headers["Content-Range"] = "bytes %d-%d/%d" % (start, end - 1, st.st_size)
-            self.wfile.write(self.send_head_lines(status, headers))
-            if self.command != "HEAD" and end > start:
-                handle.seek(start)  # TLS falls back to send(), which reads from here
-                self.connection.sendfile(handle, start, end - start)
-                self.response_bytes += end - start
-        finally:
-            handle.close()
-
-    def not_modified(self, etag, mtime):
-        match = self.headers.get("if-none-match")
-        if match is not None:
-            tags = [tag.strip().replace("W/", "", 1) for tag in match.split(",")]
-            return etag in tags or "*" in tags
-        since = parse_http_date(self.headers.get("if-modified-since", ""))
-        return since is not None and int(mtime) <= since
-
-    def byte_range(self, size, etag, mtime):
-        """(start, end, status) for the request's Range (RFC 9110 14.2).
-
-        Several ranges, or an If-Range that no longer matches, get the whole
-        file (200).  Raises RangeNotSatisfiable (416) with Content-Range.
-        """
-        spec = self.headers.get("range")
-        if not spec or self.command not in ("GET", "HEAD"):
-            return 0, size, 200
-        if_range = self.headers.get("if-range")
-        if if_range and if_range.strip() != etag and parse_http_date(if_range) != int(mtime):
-            return 0, size, 200
-        unit, _, ranges = spec.partition("=")
-        if unit.strip().lower() != "bytes" or "," in ranges:
-            return 0, size, 200
-        first, dash, last = ranges.strip().partition("-")
-        unsatisfiable = RangeNotSatisfiable("range %r not satisfiable for %d bytes" % (spec, size),
-                                            headers={"Content-Range": "bytes */%d" % size})
-        if not dash or not (first.isdigit() or last.isdigit()) or \
-                (first and not first.isdigit()) or (last and not last.isdigit()):
-            return 0, size, 200  # not a valid range: ignored, as RFC 9110 allows
-        if not first:
-            length = int(last)
-            if length == 0 or size == 0:
-                raise unsatisfiable
-            return max(0, size - length), size, 206
-        start = int(first)
-        end = min(int(last) + 1, size) if last else size
-        if start >= size or (last and int(last) < start):
-            raise unsatisfiable
-        return start, end, 206
-
-    def send_listing(self, path, relpath):
-        """A directory as JSON or HTML, sorted, streamed (or paged)."""
-        store = self.server.store
-        names = sorted(entry.name for entry in os.scandir(path)
-                       if not entry.name.startswith(".~"))
-        after = self.query.get("after")
-        if after:
-            names = names[bisect.bisect_right(names, after):]
-        wants_json = (self.query.get("format") == "json"
-                      or "application/json" in self.headers.get("accept", ""))
-        limit_text = self.query.get("limit", "" if wants_json else str(LISTING_PAGE))
-        next_marker = None
-        if limit_text:
-            if not limit_text.isdigit() or int(limit_text) == 0:
-                raise BadRequest("limit must be a positive integer")
-            limit = int(limit_text)
-            if len(names) > limit:
-                next_marker = names[limit - 1]
-            names = names[:limit]
-        if not wants_json and not self.url_path.endswith("/"):
-            location = self.url_path + "/" + ("?" + urllib.parse.urlsplit(self.path).query
-                                              if "?" in self.path else "")
-            self.send(301, b"", "text/plain", {"Location": location})
-            return
-        writer = self.start_stream(200, "application/json" if wants_json
-                                   else "text/html; charset=utf-8")
-        if writer is None:
-            return
-        if wants_json:
-            writer.write(('{"path": %s, "entries": [' % json.dumps(relpath + "/")).encode())
-            for number, name in enumerate(names):
-                entry = listing_entry(store, path, name)
-                writer.write(((",\n" if number else "\n") + json.dumps(entry)).encode("utf-8"))
-            writer.write(('\n], "count": %d, "next": %s}\n'
-                          % (len(names), json.dumps(next_marker))).encode())
-        else:
-            writer.write(listing_html_head(relpath).encode("utf-8"))
-            for name in names:
-                writer.write(listing_html_row(listing_entry(store, path, name)).encode("utf-8"))
-            writer.write(listing_html_tail(next_marker).encode("utf-8"))
-        writer.close()
-        self.response_bytes += writer.sent
-
-    def start_stream(self, status, content_type, headers=None):
-        """Send the head of a streamed response; a writer, or None for HEAD."""
-        chunked = self.request_version == "HTTP/1.1"
-        all_headers = {"Content-Type": content_type}
-        all_headers.update(headers or {})
-        if chunked:
-            all_headers["Transfer-Encoding"] = "chunked"
-        else:
-            self.close_connection = True
-        if self.command == "HEAD":
-            all_headers.pop("Transfer-Encoding", None)
-            all_headers["Content-Length"] = "0"
-            self.wfile.write(self.send_head_lines(status, all_headers))
-            return None
-        self.wfile.write(self.send_head_lines(status, all_headers))
-        return ChunkedWriter(self.wfile, chunked)
-
-    def send_tree_archive(self, path, name, kind):
-        """?download=zip|tar.gz: the tree streamed as an archive, not on disk."""
-        if kind not in ("zip", "tar.gz", "tgz", "tar"):
-            raise BadRequest("download must be zip, tar.gz or tar, got %r" % kind)
-        suffix = {"tgz": "tar.gz"}.get(kind, kind)
-        mime = {"zip": "application/zip", "tar": "application/x-tar"}.get(suffix, "application/gzip")
-        writer = self.start_stream(200, mime, {
-            "Content-Disposition": content_disposition(name + "." + suffix, "attachment")})
-        if writer is None:
-            return
-        if suffix == "zip":
-            write_tree_zip(writer, path)
-        else:
-            write_tree_tar(writer, path, "w|gz" if suffix == "tar.gz" else "w|")
-        writer.close()
-        self.response_bytes += writer.sent
-
-    def route_delete_path(self):
-        top, segments, path = self.resolve(follow=False)
-        if not segments:
-            raise BadRequest("DELETE needs a path under /%s/" % top)
-        store = self.server.store
-        relpath = "/".join([top] + segments)
-        if os.path.islink(path):
-            os.unlink(path)
-            counts = (1, 0)
-        elif os.path.isdir(path):
-            counts = store.remove_tree(path)
-        elif os.path.isfile(path):
-            counts = store.remove_name(path)
-        else:
-            raise NotFound("%s not found" % relpath)
-        self.send_json(200, {"code": 200, "status": "Success", "deleted": relpath,
-                             "names": counts[0], "reclaimed": counts[1]})
 
 
 FILE_MODE, DIR_MODE = 0o644, 0o755  # in downloaded archives: the store's
@@ -4021,6 +3336,42 @@ document.getElementById('lookup').onsubmit=async e=>{e.preventDefault();
 """
 
 
+UPLOAD_FORM_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Upload - http_bucket</title></head><body>
+<h1>Upload</h1>
+<form method="post" action="/upload" enctype="multipart/form-data">
+<p><label>Files (archives are expanded)<br>
+<input type="file" name="file" multiple required></label></p>
+<p><label>Retain days (empty: the server's default)
+<input name="retain_days" inputmode="decimal" size="6"></label></p>
+<p><button type="submit">Upload</button></p>
+</form>
+<p><a href="/">Back to the start page</a></p>
+</body></html>
+"""
+
+
+def receipt_html(receipt):
+    """A stored-files page for a browser's plain form post (no JavaScript)."""
+    rows = []
+    for entry in receipt["files"]:
+        link = entry.get("url_name") or entry["url"] + "?name=" + urllib.parse.quote(entry["name"])
+        tree = entry.get("extracted")
+        rows.append("<tr><td><a href='%s'>%s</a></td><td>%d</td><td>%s</td><td>%s</td></tr>" % (
+            html.escape(link, quote=True), html.escape(entry["name"]), entry["size"],
+            html.escape(entry["stored"]),
+            "<a href='%s'>%d members</a>" % (html.escape(tree["url"] + "/", quote=True),
+                                              tree["count"]) if tree else ""))
+    return ("<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+            "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+            "<title>Stored - http_bucket</title></head><body><h1>Stored</h1><table>"
+            "<tr><th>file</th><th>bytes</th><th>stored</th><th>expanded</th></tr>%s</table>"
+            "<p><a href='/upload'>Upload more</a> &middot; <a href='/'>Start page</a></p>"
+            "</body></html>\n" % "".join(rows))
+
+
 def listing_html_head(relpath):
     title = html.escape(relpath + "/")
     return ("<!doctype html><html><head><meta charset='utf-8'><title>%s</title>"
@@ -4047,6 +3398,765 @@ def listing_html_tail(next_marker):
     if next_marker:
         more = "<p><a href='?after=%s&amp;limit=1000'>next page</a></p>" % urllib.parse.quote(next_marker)
     return "</table>%s</body></html>\n" % more
+
+
+# ===========================================================================
+# HTTP handler: request line and headers, the one dispatcher, routes
+# ===========================================================================
+
+
+class Handler(BaseHTTPRequestHandler):
+    """One connection: reads requests, routes them, answers in JSON or files.
+
+    Every refusal is raised as a BucketError and answered in ``dispatch``,
+    the only place that turns exceptions into responses.
+    """
+
+    protocol_version = "HTTP/1.1"
+    server_version = "http_bucket/" + __version__
+    sys_version = ""
+
+    # -- connection and request line -----------------------------------------
+
+    def setup(self):
+        self.timeout = self.server.config.timeout or None
+        self.handshake_error = None
+        if self.server.ssl_context is not None:
+            self.start_tls()
+        super().setup()
+        try:
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass  # not TCP (tests on a socketpair)
+
+    def start_tls(self):
+        """TLS on this connection, in its own thread (a slow handshake holds
+        no other client), bounded by the reaper.  A plain HTTP request gets
+        a plain-text 400 saying the port speaks HTTPS, as nginx answers;
+        a failure is kept in ``handshake_error`` for ``handle`` to log."""
+        reaper = self.server.reaper
+        self.request.settimeout(self.timeout)
+        try:
+            reaper.watch(self.request)
+            first = self.request.recv(1, socket.MSG_PEEK)
+            if first and first != b"\x16":  # not a TLS handshake record
+                self.refuse_plain_http()
+                self.handshake_error = "plain HTTP sent to the HTTPS port"
+                return
+            reaper.release(self.request)
+            self.request = self.server.ssl_context.wrap_socket(
+                self.request, server_side=True, do_handshake_on_connect=False)
+            reaper.watch(self.request)
+            self.request.do_handshake()
+        except (ssl.SSLError, OSError) as exc:
+            self.handshake_error = exc  # a scanner, a client that gave up
+        finally:
+            reaper.release(self.request)
+
+    def refuse_plain_http(self):
+        raw = self.request
+        body = ("400 Bad Request: this port speaks HTTPS; use https://%s/\n"
+                % self.local_address()).encode()
+        try:
+            raw.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; "
+                        b"charset=utf-8\r\nConnection: close\r\nContent-Length: "
+                        + str(len(body)).encode() + b"\r\n\r\n" + body)
+            raw.shutdown(socket.SHUT_WR)
+            raw.settimeout(0.5)
+            while raw.recv(65536):  # let the client read it (no RST)
+                pass
+        except OSError:
+            pass
+
+    def local_address(self):
+        """host:port of this end of the connection, as a URL writes it."""
+        try:
+            host, port = self.request.getsockname()[:2]
+        except OSError:
+            return "this-host:port"
+        return "%s:%d" % ("[%s]" % host if ":" in host else host, port)
+
+    def finish(self):
+        try:
+            super().finish()
+        finally:
+            if isinstance(self.connection, ssl.SSLSocket):
+                self.connection.close()  # wrapped here: shutdown_request has the raw one
+
+    def handle(self):
+        if self.handshake_error is not None:
+            self.server.log_event("message", text="TLS handshake with %s failed: %s" % (
+                self.client_address[0], self.handshake_error))
+            return
+        try:
+            super().handle()
+        except (ConnectionError, socket.timeout, ssl.SSLError, OSError):
+            pass  # the client went away or stalled: nothing to answer
+
+    def handle_one_request(self):
+        self.close_connection = True
+        self.started = time.monotonic()
+        self.body = None
+        self.response_status = 0
+        self.response_bytes = 0
+        self.command = self.path = ""
+        reaper = self.server.reaper
+        reaper.watch(self.connection)  # request line and headers in time
+        try:
+            line = self.rfile.readline(MAX_REQUEST_LINE + 1)
+            if not line:
+                return
+            self.raw_requestline = line
+            self.parse_request_fast(line)
+        except (socket.timeout, OSError, ClientGone):
+            return
+        except BucketError as exc:
+            self.request_version = "HTTP/1.1"
+            if not self.command:  # the request line itself was refused
+                self.command, self.path = "-", line[:200].decode("latin-1").strip()
+            self.send_error_json(exc)
+            self.log_access()
+            return
+        finally:
+            reaper.release(self.connection)
+        self.dispatch()
+        self.log_access()
+
+    def parse_request_fast(self, line):
+        """Request line and headers; raises BadRequest (sets close)."""
+        if len(line) > MAX_REQUEST_LINE:
+            raise URITooLong("request line over %d bytes" % MAX_REQUEST_LINE)
+        words = line.decode("latin-1").rstrip("\r\n").split(" ")
+        if len(words) != 3 or not words[2].startswith("HTTP/1."):
+            raise BadRequest("malformed request line %r" % line[:80].decode("latin-1"))
+        self.command, self.path, self.request_version = words
+        self.requestline = "%s %s %s" % tuple(words)
+        self.headers = self.read_headers()
+        connection = self.headers.get("connection", "").lower()
+        if self.request_version == "HTTP/1.1":
+            self.close_connection = "close" in connection
+        else:
+            self.close_connection = "keep-alive" not in connection
+
+    def read_headers(self):
+        headers = Headers()
+        for _ in range(MAX_HEADERS + 1):
+            line = self.rfile.readline(MAX_HEADER_LINE + 1)
+            if len(line) > MAX_HEADER_LINE:
+                raise HeaderFieldsTooLarge("header line over %d bytes" % MAX_HEADER_LINE)
+            if line in (b"\r\n", b"\n"):
+                return headers
+            if not line:
+                raise ClientGone("connection closed inside the headers")
+            name, sep, value = line.decode("latin-1").partition(":")
+            if not sep or not name or name != name.strip():
+                raise BadRequest("malformed header line %r" % line[:60].decode("latin-1"))
+            name = name.lower()
+            value = value.strip()
+            headers[name] = headers[name] + ", " + value if name in headers else value
+        raise HeaderFieldsTooLarge("more than %d header lines" % MAX_HEADERS)
+
+    # -- the dispatcher ------------------------------------------------------
+
+    ROUTES = {
+        "GET": {"": "page", "upload": "upload_form", "checksum": "get_checksum",
+                "files": "get_path", "explode": "get_path", "replica": "get_path",
+                "config": "get_config", "healthz": "get_health", "metrics": "get_metrics"},
+        "POST": {"upload": "post_upload", "files": "post_files"},
+        "PUT": {"upload": "put_upload", "files": "put_files"},
+        "DELETE": {"files": "delete_path", "replica": "delete_path",
+                   "checksum": "delete_checksum"},
+    }
+    ROUTES["HEAD"] = ROUTES["GET"]
+    OPEN_ROUTES = ("get_health",)  # answered without the read token
+
+    def dispatch(self):
+        self.server.busy_change(+1)
+        try:
+            url = urllib.parse.urlsplit(self.path)
+            self.url_path = url.path
+            self.query = dict(urllib.parse.parse_qsl(url.query, keep_blank_values=True))
+            top, _, self.rest = url.path.lstrip("/").partition("/")
+            name = self.ROUTES.get(self.command, {}).get(top)
+            if name is None:
+                allowed = [method for method, table in self.ROUTES.items() if top in table]
+                if allowed:
+                    raise MethodNotAllowed("%s not allowed on /%s" % (self.command, top),
+                                           headers={"Allow": ", ".join(sorted(allowed))})
+                raise NotFound("no such endpoint: /%s" % top)
+            self.authorize(name)
+            getattr(self, "route_" + name)()
+        except BucketError as exc:
+            self.send_error_json(exc)
+        except ClientGone:
+            self.close_connection = True
+        except (ConnectionError, socket.timeout, ssl.SSLError):
+            self.close_connection = True
+        except Exception:
+            self.log_message("internal error on %s %s\n%s", self.command, self.path,
+                             traceback.format_exc())
+            self.send_error_json(BucketError("internal error; see the server log"))
+        finally:
+            self.server.busy_change(-1)
+            if self.body_unread():
+                self.close_connection = True
+
+    def body_unread(self):
+        if self.body is not None:
+            return not self.body.finished
+        length = self.headers.get("content-length", "0") if hasattr(self, "headers") else "0"
+        chunked = "chunked" in (self.headers.get("transfer-encoding", "") if hasattr(self, "headers") else "")
+        return chunked or length not in ("", "0")
+
+    # -- access control ------------------------------------------------------
+
+    def authorize(self, route):
+        server = self.server
+        write = self.command in ("POST", "PUT", "DELETE")
+        tokens = [server.token] if write else [server.read_token, server.token]
+        if not (server.token if write else server.read_token) or route in self.OPEN_ROUTES:
+            return
+        offered = self.offered_token()
+        if offered is not None:
+            for token in tokens:
+                if token and hmac.compare_digest(offered.encode(), token.encode()):
+                    return
+        raise Unauthorized(
+            "a valid token is needed to %s" % ("write" if write else "read"),
+            headers={"WWW-Authenticate": AUTH_CHALLENGES})
+
+    def offered_token(self):
+        value = self.headers.get("authorization", "")
+        scheme, _, credentials = value.partition(" ")
+        if scheme.lower() == "bearer":
+            return credentials.strip()
+        if scheme.lower() == "basic":
+            try:
+                decoded = base64.b64decode(credentials.strip(), validate=True).decode("utf-8")
+            except (binascii.Error, UnicodeDecodeError):
+                return None
+            return decoded.partition(":")[2]
+        return None
+
+    # -- responses -----------------------------------------------------------
+
+    def send_head_lines(self, status, headers):
+        if self.body_unread():
+            self.close_connection = True
+        lines = ["HTTP/1.1 %d %s" % (status, _STATUS_PHRASES.get(status, "Unknown")),
+                 "Server: " + self.server_version, "Date: " + cached_http_date()]
+        for name, value in headers.items():
+            if isinstance(value, (list, tuple)):  # a field sent as several lines
+                lines.extend("%s: %s" % (name, item) for item in value)
+            else:
+                lines.append("%s: %s" % (name, value))
+        if self.close_connection:
+            lines.append("Connection: close")
+        self.response_status = status
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
+
+    def send(self, status, body=b"", content_type="application/json", headers=None):
+        """One whole response, written with one send (no delayed-ACK stall)."""
+        all_headers = {"Content-Type": content_type, "Content-Length": str(len(body))}
+        all_headers.update(headers or {})
+        head = self.send_head_lines(status, all_headers)
+        payload = head if self.command == "HEAD" else head + body
+        self.response_bytes += len(body)
+        self.wfile.write(payload)
+
+    def send_json(self, status, obj, headers=None):
+        self.send(status, json_bytes(obj), "application/json", headers)
+
+    def send_error_json(self, exc):
+        if self.response_status:
+            self.close_connection = True  # a response already began
+            return
+        body = {"code": exc.status, "status": "error", "error": exc.message}
+        headers = dict(exc.headers)
+        if self.command == "HEAD":
+            headers["Content-Length"] = "0"  # curl -X HEAD waits for it
+        try:
+            self.send_json(exc.status, body, headers)
+        except (ConnectionError, socket.timeout, ssl.SSLError, OSError):
+            self.close_connection = True
+
+    def send_continue(self):
+        if self.headers.get("expect", "").lower() == "100-continue":
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    # -- logging -------------------------------------------------------------
+
+    def log_access(self):
+        if not self.command:
+            return
+        self.server.count_request(self.response_status)
+        self.server.log_event(
+            "access", client=self.client_address[0] if self.client_address else "-",
+            method=self.command, path=self.path[:300], status=self.response_status,
+            bytes=self.response_bytes,
+            ms=round((time.monotonic() - self.started) * 1000, 1))
+
+    def log_message(self, format, *args):
+        self.server.log_event("message", text=format % args)
+
+    # -- request bodies ------------------------------------------------------
+
+    def open_body(self, required=True):
+        """The request's BodyReader; refuses bad framing and oversize bodies."""
+        if self.body is not None:
+            return self.body
+        expect = self.headers.get("expect")
+        if expect is not None and expect.lower() != "100-continue":
+            raise ExpectationFailed("unsupported Expect: %s" % expect)
+        encoding = self.headers.get("transfer-encoding", "").strip().lower()
+        length_text = self.headers.get("content-length")
+        limit = self.server.config.max_content_length
+        if encoding and length_text is not None:
+            raise BadRequest("both Transfer-Encoding and Content-Length sent")
+        if encoding and encoding != "chunked":
+            raise BadRequest("unsupported Transfer-Encoding %r (only chunked)" % encoding)
+        length = None
+        if length_text is not None:
+            if not length_text.isdigit():
+                raise BadRequest("bad Content-Length %r" % length_text[:40])
+            length = int(length_text)
+            if limit and length > limit:
+                raise TooLarge("request body of %d bytes is over MAX_CONTENT_LENGTH "
+                               "(%d bytes)" % (length, limit))
+        elif not encoding and required:
+            raise LengthRequired("send Content-Length or Transfer-Encoding: chunked")
+        self.body = BodyReader(self.rfile, length, chunked=bool(encoding), limit=limit,
+                               before_first_read=self.send_continue,
+                               guard=(self.server.reaper, self.connection))
+        return self.body
+
+    # -- simple routes -------------------------------------------------------
+
+    def route_page(self):
+        if self.rest:
+            raise NotFound("no such endpoint: %s" % self.url_path)
+        self.send(200, PAGE_HTML.encode("utf-8"), "text/html; charset=utf-8",
+                  {"Cache-Control": "no-cache"})
+
+    def route_upload_form(self):
+        self.send(200, UPLOAD_FORM_HTML.encode("utf-8"), "text/html; charset=utf-8",
+                  {"Cache-Control": "no-cache"})
+
+    def wants_html(self):
+        """A browser asked (Accept: text/html) and ?format=json did not."""
+        return ("text/html" in self.headers.get("accept", "")
+                and self.query.get("format") != "json")
+
+    def route_get_config(self):
+        self.send_json(200, self.server.config.public())
+
+    def route_get_health(self):
+        store = self.server.store
+        self.send_json(200, {"status": "ok", "index_ready": store.ready.is_set(),
+                             "reconciled": store.reconciled.is_set(),
+                             "blobs": len(store.index)})
+
+    def route_get_metrics(self):
+        self.send(200, self.server.metrics().encode(), "text/plain; version=0.0.4")
+
+    # -- checksums -----------------------------------------------------------
+
+    def blob_for_digest(self):
+        hexdigest = self.rest.strip("/").lower()
+        sha256 = self.server.store.lookup(hexdigest)
+        if sha256 is None:
+            raise NotFound("no stored content has checksum %s" % hexdigest)
+        return sha256
+
+    def route_get_checksum(self):
+        sha256 = self.blob_for_digest()
+        path = self.server.store.blob_path(sha256)
+        if self.command == "HEAD":
+            # Content-Length 0: the seed's `curl -X HEAD` reads that many bytes.
+            try:
+                size = os.stat(path).st_size
+            except FileNotFoundError:
+                raise NotFound("no stored content has checksum %s" % sha256)  # just deleted
+            self.send(200, b"", "application/octet-stream",
+                      {"Content-Length": "0", "ETag": '"%s"' % sha256,
+                       "X-Blob-Size": str(size), "X-Checksum-Sha256": sha256})
+            return
+        self.send_file(path, sha256, self.query.get("name") or sha256)
+
+    def route_delete_checksum(self):
+        sha256 = self.blob_for_digest()
+        self.server.store.delete_blob(sha256)
+        self.send_json(200, {"code": 200, "status": "Success", "deleted": sha256})
+
+    # -- uploads -------------------------------------------------------------
+
+    def route_post_upload(self):
+        if self.rest.strip("/"):
+            raise NotFound("POST /upload takes no path; use PUT /upload/<name>")
+        self.commit_upload(self.receive_multipart(None))
+
+    def route_put_upload(self):
+        segments = split_url_path(self.rest, "upload name")
+        name = client_filename(segments[-1], "upload name") if segments else "upload"
+        self.commit_upload(self.receive_raw(name, None))
+
+    def route_put_files(self):
+        segments = self.new_name_segments("file path")
+        if not segments or self.rest.endswith("/"):
+            raise BadRequest("PUT /files/<path> needs a file name (POST a form to a directory)")
+        store = self.server.store
+        dest = os.path.join(store.root, "files", *segments)
+        if self.exclusive() and os.path.lexists(dest):  # refused before the body is read
+            raise PreconditionFailed("files/%s exists (If-None-Match: *)" % "/".join(segments))
+        store.check_name_target(dest)
+        self.commit_upload(self.receive_raw(segments[-1], dest))
+
+    def route_post_files(self):
+        segments = self.new_name_segments("directory path")
+        store = self.server.store
+        directory = os.path.join(store.root, "files", *segments)
+        store.check_name_target(os.path.join(directory, "_"))  # before the body
+        self.commit_upload(self.receive_multipart(directory))
+
+    def new_name_segments(self, what):
+        return [check_new_name(segment, what) for segment in split_url_path(self.rest, what)]
+
+    def exclusive(self):
+        return self.headers.get("if-none-match", "").strip() == "*"
+
+    def retention(self, fields):
+        return upload_retention(self.headers, self.query, fields,
+                                self.server.config.retain_days)
+
+    def receive_multipart(self, directory):
+        """Read a multipart body into staged files: a Received.
+
+        Each file part is named ``directory/<filename>`` (None: /upload).
+        """
+        boundary = multipart_boundary(self.headers.get("content-type"))
+        self.retention({})  # a bad header or query is refused before the body
+        staged_files, fields = self.read_parts(self.open_body(), boundary)
+        try:
+            if not staged_files:
+                raise BadRequest("multipart body has no file part (a part with a filename)")
+            retain_until = self.retention(fields)
+        except BaseException:
+            for staged in staged_files:
+                staged.discard()
+            raise
+        files = [Incoming(staged.filename, staged, None,
+                          os.path.join(directory, staged.filename) if directory else None)
+                 for staged in staged_files]
+        return Received(files, self.exclusive(), retain_until, self.headers)
+
+    def read_parts(self, body, boundary):
+        """Stage the file parts of a multipart body as they stream in.
+
+        Returns ([finished StagedBlob], {field name: text}); the staged
+        files are the caller's to discard.  On any error (a bad part, the
+        client gone, a full disk) every staged file is discarded here.
+        """
+        parser = MultipartParser(boundary)
+        store = self.server.store
+        staged_files, fields = [], {}
+        part = staged = None
+        value = bytearray()
+        field_count = 0
+        try:
+            while True:
+                data = body.read(CHUNK_SIZE)
+                for kind, payload in (parser.feed(data) if data else ()):
+                    if kind == "part":
+                        part, staged, value = payload, None, bytearray()
+                        if part.filename:  # "": a browser's empty file input
+                            staged = store.stage(client_filename(part.filename))
+                            staged_files.append(staged)
+                        elif part.filename is None:
+                            field_count += 1
+                            if field_count > MAX_FIELDS:
+                                raise BadRequest("more than %d form fields" % MAX_FIELDS)
+                    elif kind == "data":
+                        if staged is not None:
+                            staged.write(payload)
+                        elif part.filename is None:
+                            value += payload
+                            if len(value) > MAX_FIELD_SIZE:
+                                raise BadRequest("form field %r over %d bytes"
+                                                 % (part.name, MAX_FIELD_SIZE))
+                    elif staged is not None:
+                        staged.finish()
+                    elif part.filename is None:
+                        fields[part.name] = value.decode("utf-8", "replace")
+                if not data:
+                    parser.close()
+                    return staged_files, fields
+        except BaseException:
+            for staged in staged_files:
+                staged.discard()
+            raise
+
+    def receive_raw(self, name, dest):
+        """Read a raw PUT body into one staged file, verifying the digests
+        the client stated: a Received (or the deploy of a stored blob)."""
+        expected = stated_digests(self.headers)
+        retain_until = self.retention({})
+        if self.headers.get("x-checksum-deploy", "").lower() == "true":
+            sha256 = self.deploy_source(expected)
+            self.close_connection = self.close_connection or self.body_unread()
+            return Received([Incoming(name, None, sha256, dest)], self.exclusive(),
+                            retain_until, self.headers)
+        body = self.open_body()
+        store = self.server.store
+        staged = store.stage(name)
+        try:
+            extra = [algorithm for algorithm in expected if algorithm not in store.algorithms]
+            if extra:
+                staged.digester = Digester(tuple(store.algorithms) + tuple(extra))
+            while True:
+                data = body.read(CHUNK_SIZE)
+                if not data:
+                    break
+                staged.write(data)
+            check_stated_digests(expected, staged.finish())
+        except BaseException:
+            staged.discard()
+            raise
+        return Received([Incoming(name, staged, None, dest)], self.exclusive(), retain_until,
+                        self.headers)
+
+    def deploy_source(self, expected):
+        """X-Checksum-Deploy: the sha256 of the stored blob that has every
+        stated digest; NotFound when none has, body unread."""
+        store = self.server.store
+        if not expected:
+            raise BadRequest("X-Checksum-Deploy needs a digest header (X-Checksum-Sha256, ...)")
+        found = [store.lookup(value) for algorithm, (_, value) in expected.items()
+                 if algorithm in LOOKUP_LENGTHS.values()]
+        sha256 = next((value for value in found if value), None)
+        if sha256 is None:
+            raise NotFound("X-Checksum-Deploy: no stored content has the stated checksum")
+        digests = store.digests_of(store.blob_path(sha256))
+        for algorithm, (header, value) in expected.items():
+            if digests.get(algorithm, value) != value:
+                raise BadRequest("X-Checksum-Deploy: %s does not match the stored content "
+                                 "(it has %s)" % (header, digests[algorithm]))
+        return sha256
+
+    def commit_upload(self, received):
+        """Store what the request delivered (one transaction); answer JSON."""
+        server = self.server
+        stored = UploadTransaction(server.store, server.config.replicate).commit(received)
+        for item in stored:
+            server.log_event("stored", name=item.filename, sha256=item.blob.sha256,
+                             size=item.blob.size, stored="new" if item.blob.new else "existing")
+        status = 201 if any(item.blob.new or item.name for item in stored) else 200
+        headers = {"Location": server.url(stored[0].name)} if stored[0].name else {}
+        receipt = upload_receipt(status, stored, server.url, server.config.checksum_type)
+        if self.wants_html():
+            self.send(status, receipt_html(receipt).encode("utf-8"), "text/html; charset=utf-8",
+                      headers)
+        else:
+            self.send_json(status, receipt, headers)
+
+    # -- reading names and trees ---------------------------------------------
+
+    def resolve(self, follow=True):
+        """(top, segments, path) of a /files, /explode or /replica URL.
+
+        With ``follow`` the path is resolved through symlinks and must stay
+        inside ARCHIVE_DIR (NotFound otherwise).
+        """
+        top = self.url_path.lstrip("/").split("/", 1)[0]
+        segments = split_url_path(self.rest, "path")
+        store = self.server.store
+        if follow:
+            path = contained(store.root, top, *segments)
+        else:
+            contained(store.root, top, *segments[:-1])
+            path = os.path.join(store.root, top, *segments)
+        return top, segments, path
+
+    def route_get_path(self):
+        top, segments, path = self.resolve()
+        try:
+            mode = retry_stale(os.stat, path).st_mode
+        except OSError:
+            raise NotFound("%s not found" % "/".join([top] + segments))
+        if stat.S_ISDIR(mode):
+            download = self.query.get("download")
+            if download:
+                self.send_tree_archive(path, segments[-1] if segments else top, download)
+            else:
+                self.send_listing(path, "/".join([top] + segments))
+            return
+        name = segments[-1] if segments else top
+        self.send_file(path, self.server.store.name_sha256(path), name)
+
+    def send_file(self, path, sha256, name):
+        """A file with ETag, Last-Modified, conditional requests and Range."""
+        try:
+            handle = retry_stale(open, path, "rb")
+        except OSError:
+            raise NotFound("%s vanished" % name)
+        try:
+            st = os.fstat(handle.fileno())
+            head = handle.read(StagedBlob.SNIFF_BYTES)
+            etag = '"%s"' % sha256
+            headers = {"ETag": etag, "Last-Modified": http_date(st.st_mtime),
+                       "Accept-Ranges": "bytes", "Content-Type": guess_mime(head, name),
+                       "Content-Disposition": content_disposition(name),
+                       "X-Content-Type-Options": "nosniff",
+                       "Content-Security-Policy": "sandbox"}
+            if self.not_modified(etag, st.st_mtime):
+                self.wfile.write(self.send_head_lines(304, {
+                    key: headers[key] for key in ("ETag", "Last-Modified")}))
+                return
+            start, end, status = self.byte_range(st.st_size, etag, st.st_mtime)
+            headers["Content-Length"] = str(end - start)
+            if status == 206:
+                headers["Content-Range"] = "bytes %d-%d/%d" % (start, end - 1, st.st_size)
+            self.wfile.write(self.send_head_lines(status, headers))
+            if self.command != "HEAD" and end > start:
+                handle.seek(start)  # TLS falls back to send(), which reads from here
+                self.connection.sendfile(handle, start, end - start)
+                self.response_bytes += end - start
+        finally:
+            handle.close()
+
+    def not_modified(self, etag, mtime):
+        match = self.headers.get("if-none-match")
+        if match is not None:
+            tags = [tag.strip().replace("W/", "", 1) for tag in match.split(",")]
+            return etag in tags or "*" in tags
+        since = parse_http_date(self.headers.get("if-modified-since", ""))
+        return since is not None and int(mtime) <= since
+
+    def byte_range(self, size, etag, mtime):
+        """(start, end, status) for the request's Range (RFC 9110 14.2).
+
+        Several ranges, or an If-Range that no longer matches, get the whole
+        file (200).  Raises RangeNotSatisfiable (416) with Content-Range.
+        """
+        spec = self.headers.get("range")
+        if not spec or self.command not in ("GET", "HEAD"):
+            return 0, size, 200
+        if_range = self.headers.get("if-range")
+        if if_range and if_range.strip() != etag and parse_http_date(if_range) != int(mtime):
+            return 0, size, 200
+        unit, _, ranges = spec.partition("=")
+        if unit.strip().lower() != "bytes" or "," in ranges:
+            return 0, size, 200
+        first, dash, last = ranges.strip().partition("-")
+        unsatisfiable = RangeNotSatisfiable("range %r not satisfiable for %d bytes" % (spec, size),
+                                            headers={"Content-Range": "bytes */%d" % size})
+        if not dash or not (first.isdigit() or last.isdigit()) or \
+                (first and not first.isdigit()) or (last and not last.isdigit()):
+            return 0, size, 200  # not a valid range: ignored, as RFC 9110 allows
+        if not first:
+            length = int(last)
+            if length == 0 or size == 0:
+                raise unsatisfiable
+            return max(0, size - length), size, 206
+        start = int(first)
+        end = min(int(last) + 1, size) if last else size
+        if start >= size or (last and int(last) < start):
+            raise unsatisfiable
+        return start, end, 206
+
+    def send_listing(self, path, relpath):
+        """A directory as JSON or HTML, sorted, streamed (or paged)."""
+        store = self.server.store
+        names = sorted(entry.name for entry in os.scandir(path)
+                       if not entry.name.startswith(".~"))
+        after = self.query.get("after")
+        if after:
+            names = names[bisect.bisect_right(names, after):]
+        wants_json = (self.query.get("format") == "json"
+                      or "application/json" in self.headers.get("accept", ""))
+        limit_text = self.query.get("limit", "" if wants_json else str(LISTING_PAGE))
+        next_marker = None
+        if limit_text:
+            if not limit_text.isdigit() or int(limit_text) == 0:
+                raise BadRequest("limit must be a positive integer")
+            limit = int(limit_text)
+            if len(names) > limit:
+                next_marker = names[limit - 1]
+            names = names[:limit]
+        if not wants_json and not self.url_path.endswith("/"):
+            location = self.url_path + "/" + ("?" + urllib.parse.urlsplit(self.path).query
+                                              if "?" in self.path else "")
+            self.send(301, b"", "text/plain", {"Location": location})
+            return
+        writer = self.start_stream(200, "application/json" if wants_json
+                                   else "text/html; charset=utf-8")
+        if writer is None:
+            return
+        if wants_json:
+            writer.write(('{"path": %s, "entries": [' % json.dumps(relpath + "/")).encode())
+            for number, name in enumerate(names):
+                entry = listing_entry(store, path, name)
+                writer.write(((",\n" if number else "\n") + json.dumps(entry)).encode("utf-8"))
+            writer.write(('\n], "count": %d, "next": %s}\n'
+                          % (len(names), json.dumps(next_marker))).encode())
+        else:
+            writer.write(listing_html_head(relpath).encode("utf-8"))
+            for name in names:
+                writer.write(listing_html_row(listing_entry(store, path, name)).encode("utf-8"))
+            writer.write(listing_html_tail(next_marker).encode("utf-8"))
+        writer.close()
+        self.response_bytes += writer.sent
+
+    def start_stream(self, status, content_type, headers=None):
+        """Send the head of a streamed response; a writer, or None for HEAD."""
+        chunked = self.request_version == "HTTP/1.1"
+        all_headers = {"Content-Type": content_type}
+        all_headers.update(headers or {})
+        if chunked:
+            all_headers["Transfer-Encoding"] = "chunked"
+        else:
+            self.close_connection = True
+        if self.command == "HEAD":
+            all_headers.pop("Transfer-Encoding", None)
+            all_headers["Content-Length"] = "0"
+            self.wfile.write(self.send_head_lines(status, all_headers))
+            return None
+        self.wfile.write(self.send_head_lines(status, all_headers))
+        return ChunkedWriter(self.wfile, chunked)
+
+    def send_tree_archive(self, path, name, kind):
+        """?download=zip|tar.gz: the tree streamed as an archive, not on disk."""
+        if kind not in ("zip", "tar.gz", "tgz", "tar"):
+            raise BadRequest("download must be zip, tar.gz or tar, got %r" % kind)
+        suffix = {"tgz": "tar.gz"}.get(kind, kind)
+        mime = {"zip": "application/zip", "tar": "application/x-tar"}.get(suffix, "application/gzip")
+        writer = self.start_stream(200, mime, {
+            "Content-Disposition": content_disposition(name + "." + suffix, "attachment")})
+        if writer is None:
+            return
+        if suffix == "zip":
+            write_tree_zip(writer, path)
+        else:
+            write_tree_tar(writer, path, "w|gz" if suffix == "tar.gz" else "w|")
+        writer.close()
+        self.response_bytes += writer.sent
+
+    def route_delete_path(self):
+        top, segments, path = self.resolve(follow=False)
+        if not segments:
+            raise BadRequest("DELETE needs a path under /%s/" % top)
+        store = self.server.store
+        relpath = "/".join([top] + segments)
+        if os.path.islink(path):
+            os.unlink(path)
+            counts = (1, 0)
+        elif os.path.isdir(path):
+            counts = store.remove_tree(path)
+        elif os.path.isfile(path):
+            counts = store.remove_name(path)
+        else:
+            raise NotFound("%s not found" % relpath)
+        self.send_json(200, {"code": 200, "status": "Success", "deleted": relpath,
+                             "names": counts[0], "reclaimed": counts[1]})
 
 
 # ===========================================================================
@@ -4123,13 +4233,6 @@ class BucketServer(ThreadingHTTPServer):
                 pass
         super().server_bind()
 
-    def get_request(self):
-        connection, address = self.socket.accept()
-        if self.ssl_context is not None:
-            connection = self.ssl_context.wrap_socket(
-                connection, server_side=True, do_handshake_on_connect=False)
-        return connection, address
-
     def process_request(self, request, client_address):
         with self.active_lock:
             if self.active >= self.config.max_connections:
@@ -4175,7 +4278,7 @@ class BucketServer(ThreadingHTTPServer):
         head = ("HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
                 "Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n" % len(body))
         try:
-            if not isinstance(request, ssl.SSLSocket):
+            if self.ssl_context is None:  # a TLS client cannot read plain text
                 request.settimeout(0.5)
                 request.sendall(head.encode() + body)
         except OSError:

@@ -462,8 +462,11 @@ class WriteTokenTests(HardeningCase):
         config = json.loads(response.body)
         self.assertTrue(config["token"])  # says that one is set, never which
         # The access line follows the response: wait for the last one.
+        # Each access line is written after its response: the one of
+        # /upload/z may follow the one of /config.
         log = wait_until(lambda: tag in self.server.log_text()
-                         and self.server.log_text(), 5) or self.server.log_text()
+                         and "/upload/z" in self.server.log_text()
+                         and self.server.log_text(), 10) or self.server.log_text()
         self.assertIn("/upload/z", log)  # the log was written at all
         for secret in (self.TOKEN, self.TOKEN[6:], self.WRONG,
                        basic(self.TOKEN)["Authorization"][6:]):
@@ -553,8 +556,11 @@ class ReadTokenTests(HardeningCase):
         self.assertEqual(response.status, 200)
         for secret in (self.WRITE, self.READ):
             self.assertNotIn(secret, response.body.decode())
+        # Each access line is written after its response: the one of
+        # /upload/z may follow the one of /config.
         log = wait_until(lambda: tag in self.server.log_text()
-                         and self.server.log_text(), 5) or self.server.log_text()
+                         and "/upload/z" in self.server.log_text()
+                         and self.server.log_text(), 10) or self.server.log_text()
         self.assertIn("/metrics", log)
         for secret in (self.WRITE, self.READ, basic(self.WRITE)["Authorization"][6:]):
             self.assertNotIn(secret, log)
@@ -634,13 +640,21 @@ class TLSTests(HardeningCase):
         with self.assertRaises(ssl.SSLError):
             untrusting.request("GET", "/healthz")
         untrusting.close()
+        # Plain HTTP to the TLS port: a short plain-text 400 saying so (as
+        # nginx answers), then the connection is closed.
         with socket.create_connection(("127.0.0.1", self.server.port), timeout=10) as plain:
             plain.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
-            try:
-                answer = plain.recv(100)
-            except OSError:
-                answer = b""
-        self.assertFalse(answer.startswith(b"HTTP/"), answer)
+            answer = b""
+            while True:
+                data = plain.recv(65536)
+                if not data:
+                    break
+                answer += data
+        head, _, body = answer.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 400 "), answer)
+        self.assertIn(b"Content-Type: text/plain", head)
+        self.assertIn(b"this port speaks HTTPS; use https://127.0.0.1:%d/" % self.server.port,
+                      body)
         self.assertEqual(self.server.request("GET", "/healthz").status, 200)
 
     @unittest.skipUnless(shutil.which("curl"), "curl is not installed")
