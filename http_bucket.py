@@ -10,7 +10,39 @@ Uploads are streamed to disk through hashlib, stored once under their
 sha256 (``blob/ab/cd/<sha256>``) and named by hardlinks; archives and
 compressed files are expanded into the same store.  The in-memory checksum
 index is rebuilt at startup from ARCHIVE_DIR, which stays the truth.
-The contract is SPEC.md; README.md documents it for users.
+README.md documents what users and operators see.
+
+The map: sections in order, each using only those above it.
+
+1. Limits and defaults -- every fixed limit with its reason.
+2. Errors -- BucketError and one subclass per HTTP status; raise_storage_error.
+3. Small helpers -- sizes, the name rules (check_segment, client_filename,
+   header_segment, split_url_path, contained), time, files.
+4. Configuration -- SETTINGS (flag, variable, default, parser), Config.
+5. Request bodies -- BodyReader (Content-Length, chunked), MultipartParser
+   (sans-IO, events), multipart_boundary.
+6. Store -- Digester (all digests in one pass), StagedBlob (hash while
+   writing), Journal (per-process record), ChecksumIndex and Pins (the
+   memory), JournalSet (replay and reconcile), Transaction (undo log and
+   commit point), Store (blobs, names, reclaiming).
+7. Archives -- sniff, guess_mime, Budget (expansion limits), TreeBuilder,
+   expand_zip/expand_tar, Expander (decompressed blob, explode tree).
+8. Organizing -- ReplicaTemplate and make_replicas, retention, Sweeper.
+9. Upload transaction -- Incoming, Received, StoredFile, UploadTransaction.
+10. HTTP pieces -- Headers, ChunkedWriter, stated_digests, receipts,
+    listings, folder archives.
+11. The web page -- PAGE_HTML, the upload form, HTML listings.
+12. HTTP handler -- Handler: request head, the one dispatcher, routes.
+13. Server and command line -- Reaper, BucketServer, load_config, main.
+
+The path of an upload: Handler.dispatch routes ``PUT /upload/<name>`` to
+route_put_upload; receive_raw checks the stated digests, reads the body
+through a BodyReader into a StagedBlob (hashed as it is written, fsynced)
+and returns a Received; UploadTransaction.commit publishes the blob (B
+journal record, then a hardlink into blob/), pins it, lets the Expander
+decompress or explode it, makes its names or replicas, and writes the
+remaining journal records at the commit point -- or undoes every step if
+anything fails; the handler turns the StoredFiles into the JSON receipt.
 """
 
 __version__ = "1.0.0"
@@ -243,7 +275,7 @@ _SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 <
 
 
 def parse_size(text):
-    """``'16gb'`` -> bytes, binary units as the seed had them (1kb = 1024).
+    """``'16gb'`` -> bytes, binary units as the original server had them (1kb = 1024).
 
     Raises ValueError for anything else.
     """
@@ -532,7 +564,7 @@ SETTINGS = [
             "base of absolute urls in responses; empty = relative urls", False),
     Setting("checksum_type", ("--checksum-type",), "CHECKSUM_TYPE", "sha256",
             _choice("md5", "sha1", "sha256", "sha512"), "ALG",
-            "digest in the seed's 'checksum' response key", False),
+            "digest in the original 'checksum' response key", False),
     Setting("digests", ("--digests",), "BUCKET_DIGESTS", ",".join(DEFAULT_DIGESTS),
             _digests, "ALG,..", "hashlib algorithms computed for every blob "
             "(sha256 always)", False),
@@ -3244,11 +3276,11 @@ def upload_receipt(status, stored, url, checksum_type):
     server's "checksum" and "path" keys for the first one."""
     entries = [file_receipt(item, url) for item in stored]
     receipt = {"code": status, "status": "Success", "files": entries}
-    receipt.update(seed_keys(entries[0], checksum_type))
+    receipt.update(legacy_keys(entries[0], checksum_type))
     return receipt
 
 
-def seed_keys(entry, checksum_type):
+def legacy_keys(entry, checksum_type):
     """The original server's "checksum" and "path" keys for one file."""
     decompressed = entry.get("decompressed")
     extracted = entry.get("extracted")
@@ -3772,7 +3804,7 @@ class Handler(BaseHTTPRequestHandler):
         sha256 = self.blob_for_digest()
         path = self.server.store.blob_path(sha256)
         if self.command == "HEAD":
-            # Content-Length 0: the seed's `curl -X HEAD` reads that many bytes.
+            # Content-Length 0: the original `curl -X HEAD` reads that many bytes.
             try:
                 size = os.stat(path).st_size
             except FileNotFoundError:
@@ -4383,7 +4415,7 @@ def load_config(argv=None, environ=None):
                 raise ConfigError("%s: %s holds no token" % (file_dest, values[file_dest]))
     if bool(values["certfile"]) != bool(values["keyfile"]):
         raise ConfigError("--certfile and --keyfile go together")
-    if values["checksum_type"] not in values["digests"]:  # the seed's key needs it
+    if values["checksum_type"] not in values["digests"]:  # the original 'checksum' key needs it
         values["digests"] = values["digests"] + (values["checksum_type"],)
     values["replicate"] = load_replicate_templates(environ)
     config = Config(**values)
