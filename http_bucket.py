@@ -457,6 +457,19 @@ def _rmdir_quietly(path):
 
 
 
+def replace_atomically(path, make):
+    """Make a new ``path`` by ``make(temporary)`` beside it, then rename it
+    over ``path`` (atomic: readers see the old or the new, never none).
+    The temporary is removed when anything fails."""
+    temporary = os.path.join(os.path.dirname(path), RESERVED_PREFIX + secrets.token_hex(6))
+    try:
+        make(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        _unlink_quietly(temporary)
+        raise
+
+
 def _scandirs(path):
     try:
         return sorted((entry for entry in os.scandir(path)
@@ -1652,7 +1665,11 @@ class Transaction:
 
     def __exit__(self, kind, exc, tb):
         if kind is None:
-            self.commit()
+            try:
+                self.commit()
+            except BaseException:
+                self.rollback()  # the commit point itself failed
+                raise
         else:
             self.rollback()
         return False
@@ -2022,8 +2039,10 @@ class Store:
             try:
                 self.link_blob(info, target, staged, txn)
                 os.replace(target, dest)
-            except OSError as exc:
+            except BaseException as exc:
                 _unlink_quietly(target)
+                if not isinstance(exc, OSError):
+                    raise
                 if exc.errno in (errno.EISDIR, errno.ENOTEMPTY):
                     raise Conflict("%s is a directory" % self.relpath(dest))
                 raise_storage_error(exc)
@@ -2040,9 +2059,7 @@ class Store:
         except FileNotFoundError:
             return
         if previous and os.path.exists(self.blob_path(previous)):
-            temporary = os.path.join(os.path.dirname(dest), RESERVED_PREFIX + secrets.token_hex(6))
-            os.link(self.blob_path(previous), temporary)
-            os.replace(temporary, dest)
+            replace_atomically(dest, lambda path: os.link(self.blob_path(previous), path))
         else:
             os.unlink(dest)
 
@@ -2823,9 +2840,7 @@ def _point_latest(directory, name, target, txn):
         before = os.readlink(latest)
     except OSError:
         before = None
-    temporary = os.path.join(directory, RESERVED_PREFIX + secrets.token_hex(6))
-    os.symlink(target, temporary)
-    os.replace(temporary, latest)
+    replace_atomically(latest, lambda path: os.symlink(target, path))
     txn.on_undo(_repoint_latest, latest, target, before)
 
 
@@ -2837,10 +2852,8 @@ def _repoint_latest(latest, target, before):
         return
     if before is None:
         _unlink_quietly(latest)
-        return
-    temporary = os.path.join(os.path.dirname(latest), RESERVED_PREFIX + secrets.token_hex(6))
-    os.symlink(before, temporary)
-    os.replace(temporary, latest)
+    else:
+        replace_atomically(latest, lambda path: os.symlink(before, path))
 
 
 def retention_until(value, default_days, what):

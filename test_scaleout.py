@@ -1,4 +1,4 @@
-"""Several http_bucket processes sharing one ARCHIVE_DIR (SPEC.md, "Scale-out").
+"""Several http_bucket processes sharing one ARCHIVE_DIR (README: "Scale-out").
 
 Two real server processes on one directory: on the local disk always, and
 on a GlusterFS volume mounted twice (../shared/dfs) when HTTP_BUCKET_DFS=1
