@@ -1,0 +1,594 @@
+"""What the tests of http_bucket share: servers, clients, waits, bodies, store checks.
+
+Not a test module (pytest collects ``test_*.py`` only) and it defines no
+TestCase, so importing it adds no test anywhere.  Standard library only
+(plus http_bucket itself): ``python3 -m unittest -v test_scaleout`` runs on
+a bare interpreter in CI.
+
+    from http_bucket_testing import ServerProcess, wait_until, POLL_TIMEOUT
+
+    with ServerProcess(directory, ("--fsync", "false")) as server:
+        reply = server.request("PUT", "/upload/a.txt", b"data")
+        assert reply.status == 201, reply
+        wait_until(lambda: ..., POLL_TIMEOUT, what="the sweep")
+    contents = assert_store_consistent(directory)
+
+Contracts: ``wait_until`` returns the predicate's true value or raises
+AssertionError naming what it waited for; a ServerProcess is stopped by its
+PID (SIGTERM, a bounded wait, then SIGKILL) and keeps every run's log; the
+store checks raise AssertionError saying which path is wrong.
+"""
+
+import base64
+import collections
+import errno
+import hashlib
+import http.client
+import json
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+import http_bucket  # noqa: E402  (after the path is set)
+
+SERVER_SCRIPT = os.path.join(HERE, "http_bucket.py")
+CURL = shutil.which("curl")  # None: the curl tests skip
+
+# ===========================================================================
+# Timeouts: every wait of every test is bounded by one of these (seconds)
+# ===========================================================================
+
+STARTUP_TIMEOUT = 30.0  # a server to answer /healthz ready: it binds at once,
+                        # but loads the index in a thread; 30 s is for a CI
+                        # box busy with 200 slowloris sockets and other suites
+STOP_TIMEOUT = 10.0     # SIGTERM gets this long before SIGKILL (the server
+                        # waits up to SHUTDOWN_GRACE, 30 s, for uploads in
+                        # flight; a test that wants that waits itself)
+IO_TIMEOUT = 30.0       # socket timeout of every client connection: the
+                        # largest upload a test sends (20 MiB) takes < 1 s
+POLL_TIMEOUT = 20.0     # an "eventually" condition (staging emptied after a
+                        # disconnect, a log line written, a sweep run every
+                        # 0.2 s removing a 1.7 s retention)
+CURL_TIMEOUT = 30.0     # one curl run, like IO_TIMEOUT
+READY_PROBE_TIMEOUT = 5.0  # one /healthz probe while waiting for startup
+PORT_ATTEMPTS = 3       # free_port() races other processes: a server that
+                        # finds its port taken is started again on another
+
+# ===========================================================================
+# Small helpers: ports, environment, waiting, files, digests
+# ===========================================================================
+
+#: Every variable the server reads: none may leak in from the caller's shell.
+SERVER_VARIABLES = frozenset(
+    ["ARCHIVE_DIR", "ARCHIVE_URI", "CHECKSUM_TYPE", "MAX_CONTENT_LENGTH"]
+    + list(http_bucket.REPLICATE_VARIABLES)
+    + [setting.env for setting in http_bucket.SETTINGS])
+SERVER_PREFIXES = ("BUCKET_", "HTTP_BUCKET_")  # e.g. HTTP_BUCKET_NO_MAGIC
+
+ALL_DIGESTS = ("md5", "sha1", "sha256", "sha512")  # what /checksum/ can look up
+DEFAULT_DIGESTS = tuple(http_bucket.DEFAULT_DIGESTS)  # what a server computes
+                                                      # unless BUCKET_DIGESTS
+
+
+def free_port():
+    """A TCP port of 127.0.0.1 nobody listens on right now (bound to port 0,
+    then released: another process may take it before the server does)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def clean_environment(extra=None):
+    """A copy of os.environ without any variable the server reads, plus ``extra``."""
+    environ = {name: value for name, value in os.environ.items()
+               if name not in SERVER_VARIABLES and not name.startswith(SERVER_PREFIXES)}
+    environ.update(extra or {})
+    return environ
+
+
+def wait_until(predicate, timeout, interval=0.02, what="a condition"):
+    """Call ``predicate`` every ``interval`` seconds until it returns a true value.
+
+    Returns that value.  Raises AssertionError naming ``what`` once
+    ``timeout`` seconds have passed (the predicate is always called at
+    least once, and once more at the deadline).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError("timed out after %.1f s waiting for %s" % (timeout, what))
+        time.sleep(interval)
+
+
+def files_under(path, relative=False):
+    """Every non-directory entry below ``path`` (files and symlinks, also
+    symlinks to directories), sorted; full paths, or relative to ``path``."""
+    found = []
+    for parent, dirs, names in os.walk(path):
+        links = [name for name in dirs if os.path.islink(os.path.join(parent, name))]
+        found.extend(os.path.join(parent, name) for name in names + links)
+    if relative:
+        found = [os.path.relpath(full, path) for full in found]
+    return sorted(found)
+
+
+def digests_of(data, algorithms=ALL_DIGESTS):
+    """{algorithm: hex digest} of ``data``."""
+    return {name: hashlib.new(name, data).hexdigest() for name in algorithms}
+
+
+def sha256_file(path):
+    """Hex sha256 of the file at ``path``, read a MiB at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1024 * 1024), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def b64(raw):
+    """Base64 of ``raw`` bytes as text (Content-MD5, Repr-Digest, Basic)."""
+    return base64.b64encode(raw).decode("ascii")
+
+
+# ===========================================================================
+# Responses
+# ===========================================================================
+
+
+class Headers(dict):
+    """Response header fields under lower-case names; lookups ignore case.
+
+    A repeated field keeps its last value.
+    """
+
+    def __init__(self, fields=()):
+        if hasattr(fields, "items"):
+            fields = fields.items()
+        super().__init__((name.lower(), value) for name, value in fields)
+
+    def __getitem__(self, name):
+        return super().__getitem__(name.lower())
+
+    def __contains__(self, name):
+        return super().__contains__(name.lower())
+
+    def get(self, name, default=None):
+        return super().get(name.lower(), default)
+
+
+class Reply:
+    """One HTTP response read whole: ``status``, ``headers`` (Headers), ``body``."""
+
+    def __init__(self, status, headers, body):
+        self.status = status
+        self.headers = Headers(headers)
+        self.body = body
+
+    def header(self, name, default=None):
+        return self.headers.get(name, default)
+
+    def json(self):
+        """The body parsed as JSON (ValueError when it is not)."""
+        return json.loads(self.body.decode("utf-8"))
+
+    def __repr__(self):
+        return "<Reply %d %r>" % (self.status, self.body[:300])
+
+
+def reply_of(response):
+    """Read an http.client response whole into a Reply (the caller closes
+    the connection)."""
+    body = response.read()
+    return Reply(response.status, response.getheaders(), body)
+
+
+def read_raw_response(stream):
+    """One response read from a binary file over a raw socket: a Reply.
+
+    Handles Content-Length framed bodies (and none); a 100 Continue comes
+    back as its own Reply.  Raises ConnectionError when the server closed.
+    """
+    line = stream.readline(65537)
+    if not line:
+        raise ConnectionError("connection closed before a response")
+    parts = line.decode("latin-1").rstrip("\r\n").split(" ", 2)
+    headers = []
+    while True:
+        line = stream.readline(65537)
+        if line in (b"\r\n", b"\n", b""):
+            break
+        name, _, value = line.decode("latin-1").partition(":")
+        headers.append((name.strip(), value.strip()))
+    status = int(parts[1])
+    length = int(Headers(headers).get("content-length", "0"))
+    body = stream.read(length) if status >= 200 and length else b""
+    return Reply(status, headers, body)
+
+
+# ===========================================================================
+# The server as a subprocess
+# ===========================================================================
+
+
+def unverified_tls_context():
+    """A client TLS context that trusts any certificate (a test's own)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+class ServerProcess:
+    """``http_bucket.py PORT -b BIND -d DIRECTORY *args`` as a subprocess.
+
+    ``env`` is added to the caller's environment cleaned of every server
+    setting (clean_environment); ``cwd`` defaults to ``directory``;
+    ``python_flags`` go before the script (``-I -S``).  With ``--certfile``
+    among ``args`` (or BUCKET_CERTFILE in ``env``) it speaks HTTPS:
+    requests use ``context`` (default: one that trusts any certificate).
+
+    ``start`` picks a free port and returns once /healthz says the index
+    is ready; ``stop`` (SIGTERM, then SIGKILL) and ``kill`` (SIGKILL) end
+    the run; ``restart`` starts again on the same directory.  Output
+    (stdout and stderr) goes to an anonymous file per run: ``log_text()``
+    is the current or last run's, ``logs`` holds every ended run's.  A
+    context manager: ``with ServerProcess(...) as server`` starts and stops.
+    """
+
+    def __init__(self, directory, args=(), env=None, cwd=None, python_flags=(),
+                 bind="127.0.0.1", context=None):
+        self.directory = directory
+        self.args = [str(arg) for arg in args]
+        self.env = dict(env or {})
+        self.cwd = cwd or directory
+        self.python_flags = list(python_flags)
+        self.bind = bind
+        self.tls = "--certfile" in self.args or bool(self.env.get("BUCKET_CERTFILE"))
+        if context is None and self.tls:
+            context = unverified_tls_context()
+        self.context = context
+        self.proc = None        # the Popen of the current (or last) run
+        self.port = None
+        self.returncode = None  # of the last run that ended
+        self.logs = []
+        self._log = None        # the current run's output file; None: not running
+
+    # -- life cycle --------------------------------------------------------------
+
+    def command(self):
+        return ([sys.executable] + self.python_flags
+                + [SERVER_SCRIPT, str(self.port), "-b", self.bind, "-d", self.directory]
+                + self.args)
+
+    def start(self, reconciled=False, timeout=STARTUP_TIMEOUT):
+        """Start a run and wait until /healthz has index_ready (and
+        ``reconciled``, when asked) true; returns self.
+
+        Raises AssertionError with the server's log when it exits or is not
+        ready within ``timeout`` seconds (it is stopped then).
+        """
+        if self._log is not None:
+            raise RuntimeError("server already running (pid %d)" % self.proc.pid)
+        os.makedirs(self.cwd, exist_ok=True)
+        for _attempt in range(PORT_ATTEMPTS):
+            self.port = free_port()
+            self._log = tempfile.TemporaryFile()
+            self.proc = subprocess.Popen(self.command(), env=clean_environment(self.env),
+                                         cwd=self.cwd, stdin=subprocess.DEVNULL,
+                                         stdout=self._log, stderr=subprocess.STDOUT)
+            try:
+                if self._wait_ready(reconciled, timeout):
+                    return self
+            except BaseException:
+                self.stop()
+                raise
+            self._end_run()  # the port was taken: another one
+        raise AssertionError("server found its port taken %d times:\n%s"
+                             % (PORT_ATTEMPTS, self.log_text()))
+
+    def _wait_ready(self, reconciled, timeout):
+        """True once ready; False when the port was taken; raises otherwise."""
+        deadline = time.monotonic() + timeout
+        problem = None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                log = self.log_text()
+                if os.strerror(errno.EADDRINUSE) in log:
+                    return False
+                raise AssertionError("server exited with %s at startup:\n%s"
+                                     % (self.proc.returncode, log))
+            try:
+                reply = self.request("GET", "/healthz", timeout=READY_PROBE_TIMEOUT,
+                                     context=unverified_tls_context() if self.tls else None)
+                health = reply.json() if reply.status == 200 else {}
+                if health.get("index_ready") and (health.get("reconciled") or not reconciled):
+                    return True
+                problem = reply
+            except (OSError, http.client.HTTPException, ValueError) as exc:
+                problem = exc
+            time.sleep(0.05)
+        raise AssertionError("server not %s after %.0f s (%r):\n%s"
+                             % ("reconciled" if reconciled else "ready", timeout, problem,
+                                self.log_text()))
+
+    @property
+    def running(self):
+        """A run was started and not ended by stop() or kill() (the process
+        may still have exited by itself)."""
+        return self._log is not None
+
+    def stop(self, timeout=STOP_TIMEOUT):
+        """SIGTERM to the PID, SIGKILL after ``timeout`` seconds; ends the run.
+
+        Returns the exit status (of the last run when none is running).
+        """
+        if self._log is None:
+            return self.returncode
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(STOP_TIMEOUT)
+        return self._end_run()
+
+    def kill(self):
+        """SIGKILL to the PID (a crash: nothing is cleaned up); ends the run."""
+        if self._log is None:
+            return self.returncode
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(STOP_TIMEOUT)
+        return self._end_run()
+
+    def _end_run(self):
+        self.proc.wait(STOP_TIMEOUT)
+        self.returncode = self.proc.returncode
+        self.logs.append(self.log_text())
+        self._log.close()
+        self._log = None
+        return self.returncode
+
+    def restart(self, reconciled=False):
+        """stop(), then start() on the same directory (a new port)."""
+        self.stop()
+        return self.start(reconciled)
+
+    def __enter__(self):
+        if not self.running:
+            self.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stop()
+        return False
+
+    # -- what it wrote and where ---------------------------------------------------
+
+    def log_text(self):
+        """Everything the current run wrote so far (or the last run's)."""
+        if self._log is None:
+            return self.logs[-1] if self.logs else ""
+        # pread: the server writes through the same file offset, so
+        # seeking this file object would move where its lines land.
+        descriptor = self._log.fileno()
+        size = os.fstat(descriptor).st_size
+        pieces, offset = [], 0
+        while offset < size:
+            piece = os.pread(descriptor, size - offset, offset)
+            if not piece:
+                break
+            pieces.append(piece)
+            offset += len(piece)
+        return b"".join(pieces).decode("utf-8", "replace")
+
+    def _own_entry(self, parent, suffix=""):
+        """The entry of ``parent`` named "<host>-<pid>-<hex><suffix>" for this run."""
+        marker = "-%d-" % self.proc.pid
+        names = os.listdir(parent)
+        for name in names:
+            if marker in name and name.endswith(suffix):
+                return os.path.join(parent, name)
+        raise AssertionError("nothing of pid %d in %s: %s" % (self.proc.pid, parent, names))
+
+    def staging_dir(self):
+        """This run's staging directory (staging/<host>-<pid>-<hex>)."""
+        return self._own_entry(os.path.join(self.directory, "staging"))
+
+    def journal_path(self):
+        """This run's journal (index/<host>-<pid>-<hex>.log)."""
+        return self._own_entry(os.path.join(self.directory, "index"), ".log")
+
+    # -- clients -----------------------------------------------------------------------
+
+    def url(self, path=""):
+        return "%s://127.0.0.1:%d/%s" % ("https" if self.tls else "http", self.port,
+                                         path.lstrip("/"))
+
+    def connection(self, timeout=IO_TIMEOUT, context=None):
+        """A new http.client connection (HTTPS for a TLS server); not yet connected."""
+        if self.tls:
+            return http.client.HTTPSConnection("127.0.0.1", self.port, timeout=timeout,
+                                               context=context or self.context)
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+
+    def raw_socket(self, timeout=IO_TIMEOUT):
+        """A plain TCP socket connected to the server; the caller closes it."""
+        return socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
+
+    def request(self, method, path, body=None, headers=None, timeout=IO_TIMEOUT,
+                context=None, **kwargs):
+        """One request on a fresh connection: a Reply.  ``kwargs`` go to
+        HTTPConnection.request (``encode_chunked=True``)."""
+        connection = self.connection(timeout, context)
+        try:
+            connection.request(method, path, body=body, headers=headers or {}, **kwargs)
+            return reply_of(connection.getresponse())
+        finally:
+            connection.close()
+
+
+def start_server(directory, *args, **options):
+    """A started ServerProcess(directory, args, **options); the caller stops it."""
+    return ServerProcess(directory, args, **options).start()
+
+
+# ===========================================================================
+# multipart/form-data bodies
+# ===========================================================================
+
+BOUNDARY = b"----WebKitFormBoundary7MA4YWxkTrZu0gW"  # what a browser sends
+
+#: One part.  ``disposition`` (text or bytes) replaces the Content-Disposition
+#: value made of ``name`` and ``filename`` (to send quoting, filename*, or
+#: bytes no client should); ``headers`` are more (name, value) fields.
+FormPart = collections.namedtuple(
+    "FormPart", "name filename content content_type headers disposition",
+    defaults=(None, None, b"", None, (), None))
+
+
+def file_part(filename, content, name="file", content_type="application/octet-stream"):
+    """A file part as curl -F and browsers send it."""
+    return FormPart(name, filename, content, content_type)
+
+
+def field_part(name, value):
+    """A plain form field (no filename, no Content-Type)."""
+    return FormPart(name, None, value)
+
+
+def _header_bytes(value):
+    return value if isinstance(value, bytes) else value.encode("utf-8")
+
+
+def part_head(part):
+    """The header block of ``part``, without the blank line after it."""
+    disposition = part.disposition
+    if disposition is None:
+        disposition = 'form-data; name="%s"' % part.name
+        if part.filename is not None:
+            disposition += '; filename="%s"' % part.filename
+    fields = [("Content-Disposition", disposition)]
+    if part.content_type:
+        fields.append(("Content-Type", part.content_type))
+    fields += list(part.headers)
+    return b"\r\n".join(_header_bytes(name) + b": " + _header_bytes(value)
+                        for name, value in fields)
+
+
+def multipart_body(parts, boundary=BOUNDARY, preamble=b"", epilogue=b""):
+    """(body, Content-Type value) of a multipart/form-data request.
+
+    ``parts`` are FormParts; the body ends with the close delimiter and a
+    CRLF, as browsers send it, then ``epilogue``.
+    """
+    boundary = _header_bytes(boundary)
+    pieces = [preamble]
+    for part in parts:
+        pieces += [b"--", boundary, b"\r\n", part_head(part), b"\r\n\r\n", part.content, b"\r\n"]
+    pieces += [b"--", boundary, b"--\r\n", epilogue]
+    return b"".join(pieces), "multipart/form-data; boundary=" + boundary.decode("latin-1")
+
+
+# ===========================================================================
+# The store on disk: paths and consistency
+# ===========================================================================
+
+
+def blob_path(directory, sha256):
+    """Where the blob of ``sha256`` lives: blob/ab/cd/<sha256>."""
+    return os.path.join(directory, "blob", sha256[:2], sha256[2:4], sha256)
+
+
+def tree_path(directory, sha256):
+    """Where the archive of ``sha256`` is expanded: explode/ab/cd/<sha256>."""
+    return os.path.join(directory, "explode", sha256[:2], sha256[2:4], sha256)
+
+
+def staging_leftovers(directory):
+    """Every entry below the staging directories of ``directory``, relative
+    to staging/ (the per-process directories themselves are not counted)."""
+    root = os.path.join(directory, "staging")
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for process in sorted(os.listdir(root)):
+        for parent, dirs, names in os.walk(os.path.join(root, process)):
+            found.extend(os.path.relpath(os.path.join(parent, name), root)
+                         for name in dirs + names)
+    return sorted(found)
+
+
+def assert_staging_empty(directory, timeout=POLL_TIMEOUT):
+    """Wait (bounded) until no staging directory of ``directory`` holds anything.
+
+    A request's staged files are gone once it is answered; after a client
+    vanished, once the server noticed.  Raises AssertionError listing what
+    is left.
+    """
+    try:
+        wait_until(lambda: not staging_leftovers(directory), timeout,
+                   what="staging/ of %s to be empty" % directory)
+    except AssertionError as exc:
+        raise AssertionError("%s; it holds %s" % (exc, staging_leftovers(directory)[:20])) \
+            from None
+
+
+#: What assert_store_consistent found: {sha256: blob path} and
+#: {name relative to the directory: sha256} for files/, explode/, replica/.
+StoreContents = collections.namedtuple("StoreContents", "blobs names")
+
+NAME_TOPS = ("files", "explode", "replica")  # where names of blobs live
+
+
+def assert_store_consistent(directory, timeout=POLL_TIMEOUT):
+    """Check the store in ``directory``; returns StoreContents.
+
+    - staging/ holds nothing (waited for up to ``timeout`` seconds, see
+      assert_staging_empty);
+    - every file under blob/ is blob/ab/cd/<sha256> and its content hashes
+      to that name;
+    - every regular file under files/, explode/ and replica/ is a hardlink
+      (same device and inode) of a blob.  Symlinks are not checked.
+
+    Raises AssertionError naming the first path that breaks a rule.  For
+    "nothing of this request is left", compare the result with one taken
+    before the request.
+    """
+    assert_staging_empty(directory, timeout)
+    blobs, inodes = {}, {}
+    for path in files_under(os.path.join(directory, "blob")):
+        name = os.path.basename(path)
+        if os.path.relpath(path, directory) != os.path.join("blob", name[:2], name[2:4], name):
+            raise AssertionError("blob %s is not at blob/ab/cd/<sha256>" % path)
+        if sha256_file(path) != name:
+            raise AssertionError("blob %s holds other content than its name says" % path)
+        info = os.lstat(path)
+        blobs[name] = path
+        inodes[(info.st_dev, info.st_ino)] = name
+    names = {}
+    for top in NAME_TOPS:
+        for path in files_under(os.path.join(directory, top)):
+            info = os.lstat(path)
+            if os.path.islink(path):
+                continue
+            relative = os.path.relpath(path, directory)
+            if (info.st_dev, info.st_ino) not in inodes:
+                raise AssertionError("%s is not a hardlink of any blob (%d links)"
+                                     % (relative, info.st_nlink))
+            names[relative] = inodes[(info.st_dev, info.st_ino)]
+    return StoreContents(blobs, names)
