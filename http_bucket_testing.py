@@ -442,9 +442,10 @@ class ServerProcess:
             connection.close()
 
 
-def start_server(directory, *args, **options):
-    """A started ServerProcess(directory, args, **options); the caller stops it."""
-    return ServerProcess(directory, args, **options).start()
+def start_server(directory, *args, reconciled=False, **options):
+    """ServerProcess(directory, args, **options), started (``reconciled``:
+    see ServerProcess.start); the caller stops it."""
+    return ServerProcess(directory, args, **options).start(reconciled)
 
 
 # ===========================================================================
