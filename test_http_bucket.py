@@ -539,17 +539,25 @@ class StoreTest(unittest.TestCase):
         return store
 
     def store_bytes(self, store, data, pin=True):
+        """Stage ``data`` in 1000-byte writes and publish it: (digests, info).
+
+        ``self.digest_threads``: the Digester threads running before finish.
+        """
         with store.stage("x.bin") as staged:
             for start in range(0, len(data), 1000):
                 staged.write(memoryview(data)[start:start + 1000])
+            self.digest_threads = sorted(thread.name for thread in threading.enumerate()
+                                         if thread.name.startswith("digest-"))
             digests = staged.finish()
             info = store.publish(staged, pin=pin)
         return digests, info
 
     def test_publish_lookup_and_reload(self):
         store = self.make_store()
-        data = os.urandom(300 * 1024) + b"end"  # past SMALL_BODY: threaded hashing
+        # Past SMALL_BODY, each digest is computed by a thread of its own.
+        data = os.urandom(http_bucket.SMALL_BODY + 300 * 1024) + b"end"
         digests, info = self.store_bytes(store, data)
+        self.assertEqual(self.digest_threads, ["digest-md5", "digest-sha256", "digest-sha512"])
         expected = digests_of(data)
         self.assertEqual(digests, {k: expected[k] for k in ("md5", "sha256", "sha512")})
         sha256 = expected["sha256"]
