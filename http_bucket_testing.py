@@ -5,7 +5,8 @@ TestCase, so importing it adds no test anywhere.  Standard library only
 (plus http_bucket itself): ``python3 -m unittest -v test_scaleout`` runs on
 a bare interpreter in CI.
 
-    from http_bucket_testing import ServerProcess, wait_until, POLL_TIMEOUT
+    from http_bucket_testing import (
+        POLL_TIMEOUT, ServerProcess, assert_store_consistent, wait_until)
 
     with ServerProcess(directory, ("--fsync", "false")) as server:
         reply = server.request("PUT", "/upload/a.txt", b"data")
@@ -47,14 +48,17 @@ CURL = shutil.which("curl")  # None: the curl tests skip
 # Timeouts: every wait of every test is bounded by one of these (seconds)
 # ===========================================================================
 
-STARTUP_TIMEOUT = 30.0  # a server to answer /healthz ready: it binds at once,
-                        # but loads the index in a thread; 30 s is for a CI
-                        # box busy with 200 slowloris sockets and other suites
+STARTUP_TIMEOUT = 30.0  # a server to answer /healthz ready: it binds at once
+                        # but loads its index in a thread (well under 1 s
+                        # here); 30 s, the largest of the old copies' bounds,
+                        # is for a loaded CI machine
 STOP_TIMEOUT = 10.0     # SIGTERM gets this long before SIGKILL (the server
                         # waits up to SHUTDOWN_GRACE, 30 s, for uploads in
                         # flight; a test that wants that waits itself)
 IO_TIMEOUT = 30.0       # socket timeout of every client connection: the
-                        # largest upload a test sends (20 MiB) takes < 1 s
+                        # largest body a test moves (20 MiB) takes well under
+                        # a second on loopback; slower requests (a listing
+                        # of 100,000 names) pass their own
 POLL_TIMEOUT = 20.0     # an "eventually" condition (staging emptied after a
                         # disconnect, a log line written, a sweep run every
                         # 0.2 s removing a 1.7 s retention)
@@ -98,9 +102,9 @@ def clean_environment(extra=None):
 def wait_until(predicate, timeout, interval=0.02, what="a condition"):
     """Call ``predicate`` every ``interval`` seconds until it returns a true value.
 
-    Returns that value.  Raises AssertionError naming ``what`` once
-    ``timeout`` seconds have passed (the predicate is always called at
-    least once, and once more at the deadline).
+    Returns that value.  Raises AssertionError naming ``what`` when it is
+    still false at a call made ``timeout`` seconds or more after the first
+    (so it is called at least once, even with a timeout of 0).
     """
     deadline = time.monotonic() + timeout
     while True:
@@ -396,7 +400,7 @@ class ServerProcess:
             offset += len(piece)
         return b"".join(pieces).decode("utf-8", "replace")
 
-    def _own_entry(self, parent, suffix=""):
+    def _entry_of_this_run(self, parent, suffix=""):
         """The entry of ``parent`` named "<host>-<pid>-<hex><suffix>" for this run."""
         marker = "-%d-" % self.proc.pid
         names = os.listdir(parent)
@@ -407,11 +411,11 @@ class ServerProcess:
 
     def staging_dir(self):
         """This run's staging directory (staging/<host>-<pid>-<hex>)."""
-        return self._own_entry(os.path.join(self.directory, "staging"))
+        return self._entry_of_this_run(os.path.join(self.directory, "staging"))
 
     def journal_path(self):
         """This run's journal (index/<host>-<pid>-<hex>.log)."""
-        return self._own_entry(os.path.join(self.directory, "index"), ".log")
+        return self._entry_of_this_run(os.path.join(self.directory, "index"), ".log")
 
     # -- clients -----------------------------------------------------------------------
 

@@ -19,7 +19,6 @@ import lzma
 import os
 import secrets
 import shutil
-import socket
 import stat
 import subprocess
 import sys
@@ -32,144 +31,15 @@ import urllib.parse
 import warnings
 import zipfile
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-SERVER_SCRIPT = os.path.join(HERE, "http_bucket.py")
-ALGORITHMS = ("md5", "sha256", "sha512")
-START_TIMEOUT = 20.0        # seconds for a server to answer /healthz ready
-STOP_TIMEOUT = 10.0         # seconds SIGTERM gets before SIGKILL
-POLL_TIMEOUT = 20.0         # seconds any "eventually" condition may take
-#: Settings inherited from the environment that would change the server.
-ENV_PREFIXES = ("BUCKET_", "REPLICATE_", "ARCHIVE_", "MAX_CONTENT_LENGTH",
-                "CHECKSUM_TYPE", "HTTP_BUCKET_")
+from http_bucket_testing import (
+    CURL, DEFAULT_DIGESTS, POLL_TIMEOUT, SERVER_SCRIPT, ServerProcess, assert_staging_empty,
+    blob_path, clean_environment, digests_of, file_part, files_under, free_port,
+    multipart_body, tree_path, wait_until)
 
 
 # ---------------------------------------------------------------------------
-# Helpers: the server process, HTTP calls, content and archives
+# Helpers: content and archives
 # ---------------------------------------------------------------------------
-
-
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def clean_environment(extra=None):
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith(ENV_PREFIXES)}
-    env.update(extra or {})
-    return env
-
-
-class BucketProcess:
-    """``http_bucket.py`` in a subprocess on a free port of 127.0.0.1.
-
-    The server's stderr goes to ``log_path`` (never a pipe nobody reads).
-    """
-
-    def __init__(self, directory, args=(), env=None, log_path=None):
-        self.directory = directory
-        self.args = list(args)
-        self.env = dict(env or {})
-        self.log_path = log_path or directory.rstrip("/") + ".log"
-        self.process = None
-        self.port = None
-
-    def start(self):
-        for _attempt in range(3):  # a free port can be taken before we bind
-            self.port = free_port()
-            with open(self.log_path, "ab") as log:
-                self.process = subprocess.Popen(
-                    [sys.executable, SERVER_SCRIPT, str(self.port), "-b", "127.0.0.1",
-                     "-d", self.directory] + self.args,
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                    env=clean_environment(self.env), cwd=HERE)
-            if self._wait_ready():
-                return self
-        raise AssertionError("server did not start:\n" + self.log_tail())
-
-    def _wait_ready(self):
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                if "in use" in self.log_tail():
-                    return False
-                raise AssertionError("server exited with %s:\n%s"
-                                     % (self.process.returncode, self.log_tail()))
-            try:
-                answer = call(self, "GET", "/healthz", timeout=2)
-                if answer.status == 200 and answer.json().get("index_ready"):
-                    return True
-            except (OSError, http.client.HTTPException, ValueError):
-                pass
-            time.sleep(0.05)
-        self.stop()
-        raise AssertionError("server not ready in %.0f s:\n%s" % (START_TIMEOUT, self.log_tail()))
-
-    def stop(self):
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(STOP_TIMEOUT)
-
-    def restart(self):
-        self.stop()
-        return self.start()
-
-    def log_tail(self, size=4000):
-        try:
-            with open(self.log_path, "rb") as log:
-                return log.read()[-size:].decode("utf-8", "replace")
-        except OSError:
-            return ""
-
-
-class Answer:
-    """One HTTP response read whole."""
-
-    def __init__(self, status, headers, body):
-        self.status = status
-        self.headers = headers
-        self.body = body
-
-    def json(self):
-        return json.loads(self.body.decode("utf-8"))
-
-    def __repr__(self):
-        return "<Answer %d %r>" % (self.status, self.body[:300])
-
-
-def call(server, method, path, body=None, headers=None, timeout=30):
-    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=timeout)
-    try:
-        connection.request(method, path, body=body, headers=headers or {})
-        response = connection.getresponse()
-        return Answer(response.status, response.headers, response.read())
-    finally:
-        connection.close()
-
-
-def multipart(files, fields=None):
-    """(body, content type) of a form with ``files`` [(filename, bytes)]."""
-    boundary = "----bucket-test-" + secrets.token_hex(8)
-    chunks = []
-    for name, value in (fields or {}).items():
-        chunks.append(("--%s\r\nContent-Disposition: form-data; name=\"%s\"\r\n\r\n%s\r\n"
-                       % (boundary, name, value)).encode("utf-8"))
-    for filename, data in files:
-        chunks.append(("--%s\r\nContent-Disposition: form-data; name=\"file\"; "
-                       "filename=\"%s\"\r\nContent-Type: application/octet-stream\r\n\r\n"
-                       % (boundary, filename)).encode("utf-8") + data + b"\r\n")
-    chunks.append(("--%s--\r\n" % boundary).encode("ascii"))
-    return b"".join(chunks), "multipart/form-data; boundary=" + boundary
-
-
-def digests(data):
-    return {name: hashlib.new(name, data).hexdigest() for name in ALGORITHMS}
 
 
 def sha256(data):
@@ -218,15 +88,6 @@ def make_tar(members, tar_format=tarfile.PAX_FORMAT):
     return buffer.getvalue()
 
 
-def files_under(root):
-    """Every non-directory path under ``root``, relative, as a set."""
-    found = set()
-    for parent, dirs, names in os.walk(root):
-        for name in names + [d for d in dirs if os.path.islink(os.path.join(parent, d))]:
-            found.add(os.path.relpath(os.path.join(parent, name), root))
-    return found
-
-
 def entries_under(root):
     """Every path (files and directories) under ``root``, relative."""
     found = set()
@@ -245,21 +106,11 @@ def vm_hwm_kib(pid):
     raise AssertionError("no VmHWM for process %d" % pid)
 
 
-def wait_for(predicate, timeout=POLL_TIMEOUT, interval=0.1):
-    """Poll ``predicate`` until true or ``timeout``; returns its last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
-
-
 class ServerTestCase(unittest.TestCase):
     """One server per class, in a fresh temporary directory.
 
-    ``root`` is ARCHIVE_DIR; ``base`` its parent (nothing but the server's
-    log and ARCHIVE_DIR is ever written there).
+    ``root`` is ARCHIVE_DIR; ``base`` its parent and the server's working
+    directory (nothing but ARCHIVE_DIR is ever written there).
     """
 
     server_args = ("--fsync", "false")  # os.sync per archive: slow on a shared box
@@ -269,8 +120,7 @@ class ServerTestCase(unittest.TestCase):
     def setUpClass(cls):
         cls.base = tempfile.mkdtemp(prefix="bucket-test-")
         cls.root = os.path.join(cls.base, "archive")
-        cls.server = BucketProcess(cls.root, cls.server_args, cls.server_env,
-                                   os.path.join(cls.base, "server.log"))
+        cls.server = ServerProcess(cls.root, cls.server_args, env=cls.server_env, cwd=cls.base)
         try:
             cls.server.start()
         except BaseException:
@@ -285,11 +135,11 @@ class ServerTestCase(unittest.TestCase):
     # -- requests ------------------------------------------------------------
 
     def request(self, method, path, body=None, headers=None, timeout=30):
-        return call(self.server, method, path, body, headers, timeout)
+        return self.server.request(method, path, body, headers, timeout)
 
     def upload(self, filename, data, headers=None, query="", expect=(200, 201)):
         """POST /upload one file; returns (answer, the file's entry)."""
-        body, content_type = multipart([(filename, data)])
+        body, content_type = multipart_body([file_part(filename, data)])
         all_headers = {"Content-Type": content_type}
         all_headers.update(headers or {})
         answer = self.request("POST", "/upload" + query, body, all_headers)
@@ -318,36 +168,34 @@ class ServerTestCase(unittest.TestCase):
             self.assertIn(fragment, document["error"])
         return document["error"]
 
-    def assertStored(self, data, algorithms=ALGORITHMS):
+    def assertStored(self, data, algorithms=DEFAULT_DIGESTS):
         """Every digest of ``data`` answers HEAD /checksum with 200."""
-        for name, value in digests(data).items():
-            if name in algorithms:
-                self.assertEqual(self.head_checksum(value), 200,
-                                 "%s %s of %r... not found" % (name, value, data[:40]))
+        for name, value in digests_of(data, algorithms).items():
+            self.assertEqual(self.head_checksum(value), 200,
+                             "%s %s of %r... not found" % (name, value, data[:40]))
 
     def assertNotStored(self, data):
-        for name, value in digests(data).items():
+        for name, value in digests_of(data, DEFAULT_DIGESTS).items():
             self.assertEqual(self.head_checksum(value), 404,
                              "%s %s of %r... still answers" % (name, value, data[:40]))
 
     def blob_path(self, sha):
-        return os.path.join(self.root, "blob", sha[:2], sha[2:4], sha)
+        return blob_path(self.root, sha)
 
     def tree_path(self, sha):
-        return os.path.join(self.root, "explode", sha[:2], sha[2:4], sha)
+        return tree_path(self.root, sha)
 
     def tree_relpath(self, sha):
         return "explode/%s/%s/%s" % (sha[:2], sha[2:4], sha)
 
     def assertStagingEmpty(self):
-        left = files_under(os.path.join(self.root, "staging"))
-        self.assertEqual(left, set(), "staging holds %s" % sorted(left)[:10])
+        assert_staging_empty(self.root)
 
     def assertTreeMatches(self, sha, members):
         """explode/<sha>/ holds exactly ``members`` {path: bytes}, as blob links."""
         tree = self.tree_path(sha)
         self.assertTrue(os.path.isdir(tree), "no tree %s" % tree)
-        regular = {path for path in files_under(tree)
+        regular = {path for path in files_under(tree, relative=True)
                    if not os.path.islink(os.path.join(tree, path))}
         self.assertEqual(regular, set(members))
         for path, data in members.items():
@@ -366,7 +214,7 @@ class ServerTestCase(unittest.TestCase):
         self.assertEqual(set(listed), set(members))
         for path, data in members.items():
             self.assertEqual(listed[path]["size"], len(data), path)
-            self.assertEqual(listed[path]["checksums"], digests(data), path)
+            self.assertEqual(listed[path]["checksums"], digests_of(data, DEFAULT_DIGESTS), path)
 
 
 # ---------------------------------------------------------------------------
@@ -386,7 +234,7 @@ class ArchiveTests(ServerTestCase):
                 packed = compress(payload)
                 answer, entry = self.upload("report.txt." + suffix, packed)
                 self.assertEqual(answer.status, 201)
-                self.assertEqual(entry["checksums"], digests(packed))
+                self.assertEqual(entry["checksums"], digests_of(packed, DEFAULT_DIGESTS))
                 self.assertEqual(entry["mime"], mime)
                 self.assertEqual(entry["stored"], "new")
                 self.assertIsNone(entry["extracted"])
@@ -394,14 +242,14 @@ class ArchiveTests(ServerTestCase):
                 inner = entry["decompressed"]
                 self.assertEqual(inner["name"], "report.txt")
                 self.assertEqual(inner["size"], len(payload))
-                self.assertEqual(inner["checksums"], digests(payload))
+                self.assertEqual(inner["checksums"], digests_of(payload, DEFAULT_DIGESTS))
                 self.assertEqual(inner["path"], os.path.relpath(
                     self.blob_path(sha256(payload)), self.root))
                 with open(self.blob_path(sha256(payload)), "rb") as handle:
                     self.assertEqual(handle.read(), payload)
                 self.assertStored(packed)
                 self.assertStored(payload)
-                fetched = self.request("GET", "/checksum/" + digests(payload)["md5"])
+                fetched = self.request("GET", "/checksum/" + digests_of(payload, DEFAULT_DIGESTS)["md5"])
                 self.assertEqual((fetched.status, fetched.body), (200, payload))
                 seed = answer.json()
                 self.assertEqual(seed["checksum"]["decompressed"], sha256(payload))
@@ -472,7 +320,7 @@ class ArchiveTests(ServerTestCase):
                 self.assertIsNone(entry["expansion_error"], entry)
                 inner = entry["decompressed"]
                 self.assertEqual(inner["name"], "bundle.tar")
-                self.assertEqual(inner["checksums"], digests(tar_bytes))
+                self.assertEqual(inner["checksums"], digests_of(tar_bytes, DEFAULT_DIGESTS))
                 self.assertEqual(inner["mime"], "application/x-tar")
                 # The tree is keyed by the sha256 of the decompressed tar.
                 self.assertExtracted(entry["extracted"], sha256(tar_bytes), members)
@@ -501,7 +349,7 @@ class ArchiveTests(ServerTestCase):
 
         payload = unique("gzip named .txt")
         _answer, entry = self.upload("plain.txt", gzip.compress(payload))
-        self.assertEqual(entry["decompressed"]["checksums"], digests(payload))
+        self.assertEqual(entry["decompressed"]["checksums"], digests_of(payload, DEFAULT_DIGESTS))
 
     # -- safety ---------------------------------------------------------------
 
@@ -596,7 +444,7 @@ class ArchiveTests(ServerTestCase):
                          os.stat(self.blob_path(sha256(readme))).st_ino)
         listed = {item["path"]: item for item in entry["extracted"]["files"]}
         self.assertEqual(listed["docs/link.txt"].get("symlink"), "../readme.txt")
-        self.assertEqual(listed["copy.txt"]["checksums"], digests(readme))
+        self.assertEqual(listed["copy.txt"]["checksums"], digests_of(readme, DEFAULT_DIGESTS))
         fetched = self.request("GET", "/%s/docs/link.txt" % self.tree_relpath(sha256(data)))
         self.assertEqual((fetched.status, fetched.body), (200, readme))
 
@@ -623,7 +471,7 @@ class ArchiveTests(ServerTestCase):
         self.assertNotIn(secret, gzip.decompress(answer.body))
         # And the tree itself must hold no link that leaves it (issue 3.4).
         tree = os.path.realpath(self.tree_path(sha256(data)))
-        for path in files_under(tree):
+        for path in files_under(tree, relative=True):
             full = os.path.join(tree, path)
             if os.path.islink(full):
                 resolved = os.path.realpath(full)
@@ -703,7 +551,7 @@ class ArchiveTests(ServerTestCase):
         explode_before = entries_under(os.path.join(self.root, "explode"))
         answer, entry = self.upload(name, data)
         self.assertEqual(answer.status, 201)
-        self.assertEqual(entry["checksums"], digests(data))
+        self.assertEqual(entry["checksums"], digests_of(data, DEFAULT_DIGESTS))
         self.assertIsNone(entry["extracted"])
         error = entry["expansion_error"]
         self.assertTrue(error, entry)
@@ -790,7 +638,7 @@ class ArchiveTests(ServerTestCase):
         first, entry = self.upload("again.zip", data)
         self.assertEqual(first.status, 201)
         tree = self.tree_path(sha256(data))
-        before = {path: os.lstat(os.path.join(tree, path)) for path in files_under(tree)}
+        before = {path: os.lstat(os.path.join(tree, path)) for path in files_under(tree, relative=True)}
         tree_inode = os.stat(tree).st_ino
         second, entry = self.upload("again-renamed.zip", data)
         self.assertEqual(second.status, 200)  # nothing new stored
@@ -801,13 +649,13 @@ class ArchiveTests(ServerTestCase):
         self.assertEqual(extracted["count"], 2)
         self.assertEqual({item["path"] for item in extracted["files"]}, set(members))
         self.assertEqual(os.stat(tree).st_ino, tree_inode)
-        after = {path: os.lstat(os.path.join(tree, path)) for path in files_under(tree)}
+        after = {path: os.lstat(os.path.join(tree, path)) for path in files_under(tree, relative=True)}
         self.assertEqual({p: (s.st_ino, s.st_mtime_ns) for p, s in before.items()},
                          {p: (s.st_ino, s.st_mtime_ns) for p, s in after.items()})
         self.assertStagingEmpty()
 
     def test_curl_form_upload_of_a_tgz(self):
-        curl = shutil.which("curl")
+        curl = CURL
         if not curl:
             self.skipTest("curl not installed")
         members = {"ci/report.xml": b"<testsuite/>" + unique("curl")}
@@ -825,7 +673,7 @@ class ArchiveTests(ServerTestCase):
         self.assertExtracted(entry["extracted"], sha256(tar_bytes), members)
         result = subprocess.run(
             [curl, "-sf", "-X", "HEAD", "--max-time", "10", "http://127.0.0.1:%d/checksum/%s"
-             % (self.server.port, digests(members["ci/report.xml"])["md5"])],
+             % (self.server.port, digests_of(members["ci/report.xml"], DEFAULT_DIGESTS)["md5"])],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
         self.assertEqual(result.returncode, 0)
 
@@ -893,16 +741,15 @@ class RestartTests(unittest.TestCase):
         shutil.rmtree(self.base, ignore_errors=True)
 
     def start(self, *args):
-        server = BucketProcess(self.root, ("--fsync", "false") + args,
-                               log_path=os.path.join(self.base, "server.log"))
+        server = ServerProcess(self.root, ("--fsync", "false") + args, cwd=self.base)
         self.servers.append(server)
         return server.start()
 
     def upload(self, server, name, data, headers=None):
-        body, content_type = multipart([(name, data)])
+        body, content_type = multipart_body([file_part(name, data)])
         all_headers = {"Content-Type": content_type}
         all_headers.update(headers or {})
-        answer = call(server, "POST", "/upload", body, all_headers)
+        answer = server.request("POST", "/upload", body, all_headers)
         self.assertEqual(answer.status, 201, answer)
         return answer.json()["files"][0]
 
@@ -918,12 +765,12 @@ class RestartTests(unittest.TestCase):
         server.stop()
         server.start()
         for content in (zip_data, zip_member, tgz, tar_bytes, tar_member, gz, payload):
-            for name, value in digests(content).items():
-                self.assertEqual(call(server, "HEAD", "/checksum/" + value).status, 200,
+            for name, value in digests_of(content, DEFAULT_DIGESTS).items():
+                self.assertEqual(server.request("HEAD", "/checksum/" + value).status, 200,
                                  "%s of %r... after restart" % (name, content[:30]))
         # The same archive after the restart: already expanded.
-        body, content_type = multipart([("a.zip", zip_data)])
-        answer = call(server, "POST", "/upload", body, {"Content-Type": content_type})
+        body, content_type = multipart_body([file_part("a.zip", zip_data)])
+        answer = server.request("POST", "/upload", body, {"Content-Type": content_type})
         self.assertEqual(answer.status, 200, answer)
         self.assertTrue(answer.json()["files"][0]["extracted"]["existing"])
 
@@ -932,23 +779,23 @@ class RestartTests(unittest.TestCase):
         server = self.start("--sweep-interval", "3600")
         blob_data, name_data = unique("expiring upload"), unique("expiring name")
         self.upload(server, "gone.txt", blob_data, {"X-Retain-Days": "0.00001"})
-        answer = call(server, "PUT", "/files/keep/gone.txt?retain_days=0.00001", name_data)
+        answer = server.request("PUT", "/files/keep/gone.txt?retain_days=0.00001", name_data)
         self.assertEqual(answer.status, 201, answer)
         kept = unique("kept")
-        self.assertEqual(call(server, "PUT", "/files/keep/kept.txt", kept).status, 201)
+        self.assertEqual(server.request("PUT", "/files/keep/kept.txt", kept).status, 201)
         server.stop()
         time.sleep(1.0)  # 0.00001 days = 0.864 s: expired while no server ran
         self.assertTrue(os.path.exists(os.path.join(self.root, "files", "keep", "gone.txt")))
         server = self.start("--sweep-interval", "0.2")
-        gone = wait_for(lambda: all(
-            call(server, "HEAD", "/checksum/" + sha256(data)).status == 404
-            for data in (blob_data, name_data)))
-        self.assertTrue(gone, "expired content still answers after restart")
+        wait_until(lambda: all(
+            server.request("HEAD", "/checksum/" + sha256(data)).status == 404
+            for data in (blob_data, name_data)), POLL_TIMEOUT, interval=0.1,
+            what="expired content to stop answering after the restart")
         self.assertFalse(os.path.exists(os.path.join(self.root, "files", "keep", "gone.txt")))
         for data in (blob_data, name_data):
             self.assertFalse(os.path.exists(os.path.join(
                 self.root, "blob", sha256(data)[:2], sha256(data)[2:4], sha256(data))))
-        fetched = call(server, "GET", "/files/keep/kept.txt")
+        fetched = server.request("GET", "/files/keep/kept.txt")
         self.assertEqual((fetched.status, fetched.body), (200, kept))
 
 
@@ -965,7 +812,7 @@ class NamedFileTests(ServerTestCase):
         self.assertEqual(answer.status, 201, answer)
         self.assertEqual(answer.headers["Location"], "/files/a/b.txt")
         entry = answer.json()["files"][0]
-        self.assertEqual(entry["checksums"], digests(data))
+        self.assertEqual(entry["checksums"], digests_of(data, DEFAULT_DIGESTS))
         self.assertEqual(entry["name_path"], "files/a/b.txt")
         name = os.path.join(self.root, "files", "a", "b.txt")
         self.assertEqual(os.stat(name).st_ino, os.stat(self.blob_path(sha256(data))).st_ino)
@@ -1075,7 +922,8 @@ class NamedFileTests(ServerTestCase):
 
     def test_post_multipart_to_a_directory(self):
         first, second = unique("form one"), unique("form two", 3000)
-        body, content_type = multipart([("one.txt", first), ("two.bin", second)])
+        body, content_type = multipart_body([file_part("one.txt", first),
+                                             file_part("two.bin", second)])
         answer = self.request("POST", "/files/form/dir/", body, {"Content-Type": content_type})
         self.assertEqual(answer.status, 201, answer)
         entries = answer.json()["files"]
@@ -1140,7 +988,7 @@ class NamedFileTests(ServerTestCase):
     def test_checksum_get_serves_content_with_disposition(self):
         data = unique("by checksum")
         self.upload("original-name.txt", data)
-        answer = self.request("GET", "/checksum/%s?name=original-name.txt" % digests(data)["sha512"])
+        answer = self.request("GET", "/checksum/%s?name=original-name.txt" % digests_of(data, DEFAULT_DIGESTS)["sha512"])
         self.assertEqual((answer.status, answer.body), (200, data))
         self.assertIn('filename="original-name.txt"', answer.headers["Content-Disposition"])
         self.assertRefused(self.request("GET", "/checksum/nothex"), 400, "hex digits")
@@ -1214,7 +1062,7 @@ class NamedFileTests(ServerTestCase):
         names = ["f%06d.txt" % number for number in range(count)]
         for number, name in enumerate(names):
             os.link(sources[number % 2][0], os.path.join(directory, name))
-        peak_before = vm_hwm_kib(self.server.process.pid)
+        peak_before = vm_hwm_kib(self.server.proc.pid)
         answer = self.request("GET", "/files/big/?format=json", timeout=120)
         self.assertEqual(answer.status, 200)
         self.assertEqual(answer.headers.get("Transfer-Encoding"), "chunked")
@@ -1225,7 +1073,7 @@ class NamedFileTests(ServerTestCase):
                          {digest for _path, digest in sources})
         # Names are sorted in memory (about 100 bytes each); the entries are
         # streamed, so the peak grows by far less than the 20 MB of JSON.
-        grown_kib = vm_hwm_kib(self.server.process.pid) - peak_before
+        grown_kib = vm_hwm_kib(self.server.proc.pid) - peak_before
         self.assertLess(grown_kib, 32 * 1024, "peak RSS grew by %d KiB" % grown_kib)
         seen, after = [], ""
         for _page in range(11):
@@ -1324,7 +1172,7 @@ class NamedFileTests(ServerTestCase):
         data = unique("named blob")
         self.assertEqual(self.put_file("c409/one.txt", data).status, 201)
         self.assertEqual(self.put_file("c409/two.txt", data).status, 201)
-        answer = self.request("DELETE", "/checksum/" + digests(data)["md5"])
+        answer = self.request("DELETE", "/checksum/" + digests_of(data, DEFAULT_DIGESTS)["md5"])
         self.assertRefused(answer, 409, "2 name", sha256(data))
         self.assertStored(data)
         loose = unique("unnamed upload")
@@ -1500,9 +1348,9 @@ class RetentionTests(ServerTestCase):
     server_args = ("--fsync", "false", "--sweep-interval", "0.2")
 
     def assertGone(self, *contents, paths=()):
-        gone = wait_for(lambda: all(self.head_checksum(sha256(data)) == 404 for data in contents)
-                        and not any(os.path.lexists(os.path.join(self.root, p)) for p in paths))
-        self.assertTrue(gone, "still there after %.0f s" % POLL_TIMEOUT)
+        wait_until(lambda: all(self.head_checksum(sha256(data)) == 404 for data in contents)
+                   and not any(os.path.lexists(os.path.join(self.root, p)) for p in paths),
+                   POLL_TIMEOUT, interval=0.1, what="expired content and %s to go" % (paths,))
         for data in contents:
             self.assertNotStored(data)
             self.assertFalse(os.path.exists(self.blob_path(sha256(data))))
@@ -1548,7 +1396,7 @@ class RetentionTests(ServerTestCase):
         for value in ("-1", "soon", "40000"):
             with self.subTest(value):
                 data = unique("bad retention " + value)
-                body, content_type = multipart([("r.txt", data)])
+                body, content_type = multipart_body([file_part("r.txt", data)])
                 answer = self.request("POST", "/upload", body,
                                       {"Content-Type": content_type, "X-Retain-Days": value})
                 self.assertRefused(answer, 400, "X-Retain-Days")

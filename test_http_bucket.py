@@ -12,17 +12,12 @@ raw sockets and real curl (those skip only when curl is missing).  Every
 wait is bounded; one server is shared per class unless a test restarts it.
 """
 
-import base64
 import concurrent.futures
 import hashlib
-import http.client
 import io
-import json
 import os
 import re
 import shlex
-import shutil
-import socket
 import stat
 import subprocess
 import sys
@@ -31,271 +26,19 @@ import threading
 import time
 import unittest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-SERVER_SCRIPT = os.path.join(HERE, "http_bucket.py")
-if HERE not in sys.path:
-    sys.path.insert(0, HERE)
+import http_bucket
+from http_bucket_testing import (
+    BOUNDARY, CURL, CURL_TIMEOUT, POLL_TIMEOUT, SERVER_SCRIPT, FormPart, Reply, b64,
+    assert_staging_empty, blob_path, clean_environment, digests_of, field_part, file_part,
+    files_under, free_port, multipart_body, read_raw_response, reply_of, start_server,
+    wait_until)
 
-import http_bucket  # noqa: E402  (after the path is set)
-
-CURL = shutil.which("curl")
-STARTUP_TIMEOUT = 20.0   # seconds for a server to answer /healthz ready
-STOP_TIMEOUT = 10.0      # seconds SIGTERM gets before SIGKILL
-IO_TIMEOUT = 30.0        # socket timeout of every client connection
-CURL_TIMEOUT = 30.0      # seconds any curl run may take
-POLL_TIMEOUT = 10.0      # seconds a bounded poll waits for the server
-
-# Settings the server reads from the environment: removed from the
-# inherited environment, so a developer's shell cannot change a test.
-SERVER_VARIABLES = set(
-    ["ARCHIVE_DIR", "ARCHIVE_URI", "CHECKSUM_TYPE", "MAX_CONTENT_LENGTH"]
-    + ["REPLICATE_%d" % number for number in range(10)]
-    + [setting.env for setting in getattr(http_bucket, "SETTINGS", ())])
-
-BOUNDARY = b"----WebKitFormBoundary7MA4YWxkTrZu0gW"
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
 
 # ===========================================================================
-# Shared helpers: the server process, clients, polling, multipart bodies
+# One server per class, and the assertions about what it answers and keeps
 # ===========================================================================
-
-
-def free_port():
-    """A TCP port nobody listens on right now (bind to port 0, release it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_until(predicate, timeout=POLL_TIMEOUT, interval=0.02, what="a condition"):
-    """Poll ``predicate`` until it returns something true; bounded.
-
-    Returns that value; raises AssertionError after ``timeout`` seconds.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError("timed out after %.1f s waiting for %s" % (timeout, what))
-        time.sleep(interval)
-
-
-def files_under(path):
-    """Every file (not directory) below ``path``, as full paths."""
-    found = []
-    for parent, _dirs, names in os.walk(path):
-        found.extend(os.path.join(parent, name) for name in names)
-    return sorted(found)
-
-
-def digests_of(data, algorithms=("md5", "sha1", "sha256", "sha512")):
-    return {name: hashlib.new(name, data).hexdigest() for name in algorithms}
-
-
-def b64(raw):
-    return base64.b64encode(raw).decode("ascii")
-
-
-class Reply:
-    """One HTTP response: ``status``, ``headers`` (lower-case names), ``body``."""
-
-    def __init__(self, status, headers, body):
-        self.status = status
-        self.headers = headers
-        self.body = body
-
-    def header(self, name, default=None):
-        return self.headers.get(name.lower(), default)
-
-    def json(self):
-        return json.loads(self.body.decode("utf-8"))
-
-    def __repr__(self):
-        return "<Reply %d %r>" % (self.status, self.body[:300])
-
-
-def reply_of(response):
-    """Read an http.client response whole into a Reply."""
-    body = response.read()
-    headers = {name.lower(): value for name, value in response.getheaders()}
-    return Reply(response.status, headers, body)
-
-
-def read_raw_response(stream):
-    """One response read from a binary file over a raw socket.
-
-    Handles Content-Length framed bodies (and none); a 100 Continue comes
-    back as its own Reply.  Raises ConnectionError when the server closed.
-    """
-    line = stream.readline(65537)
-    if not line:
-        raise ConnectionError("connection closed before a response")
-    parts = line.decode("latin-1").rstrip("\r\n").split(" ", 2)
-    headers = {}
-    while True:
-        line = stream.readline(65537)
-        if line in (b"\r\n", b"\n", b""):
-            break
-        name, _, value = line.decode("latin-1").partition(":")
-        headers[name.strip().lower()] = value.strip()
-    status = int(parts[1])
-    length = int(headers.get("content-length", "0"))
-    body = stream.read(length) if status >= 200 and length else b""
-    return Reply(status, headers, body)
-
-
-class ServerProcess:
-    """``http_bucket.py`` running as a subprocess on a free port.
-
-    Output (stdout and stderr) goes to an anonymous temporary file per run;
-    ``log_text()`` reads the current run's, ``logs`` keeps earlier runs'.
-    """
-
-    def __init__(self, directory, args=(), env=None, cwd=None, python_flags=()):
-        self.directory = directory
-        self.args = [str(arg) for arg in args]
-        self.env = dict(env or {})
-        self.cwd = cwd or directory
-        self.python_flags = list(python_flags)
-        self.proc = None
-        self.port = None
-        self.logs = []
-        self._log = None
-
-    def command(self):
-        return ([sys.executable] + self.python_flags
-                + [SERVER_SCRIPT, str(self.port), "-b", "127.0.0.1", "-d", self.directory]
-                + self.args)
-
-    def environment(self):
-        environ = {name: value for name, value in os.environ.items()
-                   if name not in SERVER_VARIABLES}
-        environ.update(self.env)
-        return environ
-
-    def start(self):
-        os.makedirs(self.cwd, exist_ok=True)
-        self.port = free_port()
-        self._log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(self.command(), env=self.environment(), cwd=self.cwd,
-                                     stdin=subprocess.DEVNULL, stdout=self._log,
-                                     stderr=self._log)
-        try:
-            self.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def wait_ready(self):
-        """Poll GET /healthz until the index is ready; bounded."""
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        problem = None
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError("server exited with %s at startup:\n%s"
-                                     % (self.proc.returncode, self.log_text()))
-            try:
-                reply = self.request("GET", "/healthz", timeout=2.0)
-                if reply.status == 200 and reply.json().get("index_ready"):
-                    return
-                problem = reply
-            except (OSError, http.client.HTTPException, ValueError) as exc:
-                problem = exc
-            time.sleep(0.05)
-        raise AssertionError("server not ready after %.0f s (%r):\n%s"
-                             % (STARTUP_TIMEOUT, problem, self.log_text()))
-
-    def stop(self):
-        """SIGTERM, then SIGKILL after a bounded wait; keeps the log text."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(STOP_TIMEOUT)
-        self.logs.append(self.log_text())
-        self._log.close()
-        self._log = None
-        self.proc = None
-
-    def restart(self):
-        self.stop()
-        return self.start()
-
-    def log_text(self):
-        if self._log is None:
-            return self.logs[-1] if self.logs else ""
-        self._log.flush()
-        self._log.seek(0)
-        text = self._log.read().decode("utf-8", "replace")
-        self._log.seek(0, io.SEEK_END)
-        return text
-
-    def url(self, path=""):
-        return "http://127.0.0.1:%d/%s" % (self.port, path.lstrip("/"))
-
-    def connection(self, timeout=IO_TIMEOUT):
-        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-
-    def raw_socket(self, timeout=IO_TIMEOUT):
-        return socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
-
-    def request(self, method, path, body=None, headers=None, timeout=IO_TIMEOUT, **kwargs):
-        """One request on a fresh connection: a Reply."""
-        conn = self.connection(timeout)
-        try:
-            conn.request(method, path, body=body, headers=headers or {}, **kwargs)
-            return reply_of(conn.getresponse())
-        finally:
-            conn.close()
-
-
-def start_server(tmpdir, *args, env=None, cwd=None, python_flags=()):
-    """Start ``http_bucket.py PORT -b 127.0.0.1 -d tmpdir *args`` and wait for it.
-
-    ``env`` adds variables (e.g. {"MAX_CONTENT_LENGTH": "1kb"}) to an
-    environment cleaned of every server setting.  Returns a started
-    ServerProcess (.port, .proc, .url(path), .stop(), .restart()); the caller
-    stops it.
-    """
-    return ServerProcess(tmpdir, args, env, cwd, python_flags).start()
-
-
-def form_part(disposition, content, content_type=None, extra=b""):
-    """(header block, content) of one multipart part."""
-    head = b"Content-Disposition: " + disposition.encode("utf-8")
-    if content_type:
-        head += b"\r\nContent-Type: " + content_type.encode("latin-1")
-    return head + extra, content
-
-
-def file_part(filename, content, name="file", content_type="application/octet-stream"):
-    return form_part('form-data; name="%s"; filename="%s"' % (name, filename),
-                     content, content_type)
-
-
-def field_part(name, value):
-    return form_part('form-data; name="%s"' % name, value)
-
-
-def multipart_body(parts, boundary=BOUNDARY, preamble=b"", epilogue=b""):
-    """A multipart/form-data body as browsers send it (closing CRLF included)."""
-    pieces = [preamble]
-    for head, content in parts:
-        pieces += [b"--", boundary, b"\r\n", head, b"\r\n\r\n", content, b"\r\n"]
-    pieces += [b"--", boundary, b"--\r\n", epilogue]
-    return b"".join(pieces)
-
-
-def form_headers(boundary=BOUNDARY):
-    return {"Content-Type": "multipart/form-data; boundary=" + boundary.decode("latin-1")}
 
 
 class ServerTestCase(unittest.TestCase):
@@ -348,8 +91,7 @@ class ServerTestCase(unittest.TestCase):
         return files_under(os.path.join(self.archive, "staging"))
 
     def assertStagingEmpty(self):
-        wait_until(lambda: not self.staging_files(), what="staging/ to be empty (at first: %r)"
-                   % (self.staging_files(),))
+        assert_staging_empty(self.archive)
 
     def assertNotStored(self, data):
         """No blob, no index entry (HEAD 404 by every digest) for ``data``."""
@@ -369,16 +111,16 @@ class ServerTestCase(unittest.TestCase):
             self.assertEqual(handle.read(), data)
 
     def blob_path(self, sha256):
-        return os.path.join(self.archive, "blob", sha256[:2], sha256[2:4], sha256)
+        return blob_path(self.archive, sha256)
 
     def put(self, name, data, headers=None):
         return self.server.request("PUT", "/upload/" + name, body=data, headers=headers)
 
     def post_files(self, parts, boundary=BOUNDARY, headers=None):
-        all_headers = form_headers(boundary)
+        body, content_type = multipart_body(parts, boundary)
+        all_headers = {"Content-Type": content_type}
         all_headers.update(headers or {})
-        return self.server.request("POST", "/upload", body=multipart_body(parts, boundary),
-                                   headers=all_headers)
+        return self.server.request("POST", "/upload", body=body, headers=all_headers)
 
     def unique(self, label="", size=64):
         """Content no other test stores."""
@@ -560,15 +302,15 @@ class MultipartParserTest(unittest.TestCase):
             field_part("comment", b"just a field"),
             file_part("a.bin", self.TRICKY),
             file_part("empty.txt", b"", content_type="text/plain"),
-            form_part('form-data; name="file"; filename="say \\"hi\\".txt"', b"quoted",
-                      "text/plain"),
-            form_part("form-data; name=\"file\"; filename=\"fallback.txt\"; "
-                      "filename*=UTF-8''%E2%82%AC.txt", b"euro", "text/plain"),
+            FormPart(disposition='form-data; name="file"; filename="say \\"hi\\".txt"',
+                     content=b"quoted", content_type="text/plain"),
+            FormPart(disposition="form-data; name=\"file\"; filename=\"fallback.txt\"; "
+                     "filename*=UTF-8''%E2%82%AC.txt", content=b"euro", content_type="text/plain"),
             file_part("binary.dat", binary),
             file_part("ends-like-delimiter", b"data\r\n--" + BOUNDARY[:-3]),
         ]
-        body = multipart_body(parts, preamble=b"This is the preamble.\r\n",
-                              epilogue=b"and an epilogue\r\n")
+        body, _ = multipart_body(parts, preamble=b"This is the preamble.\r\n",
+                                 epilogue=b"and an epilogue\r\n")
         expected = [
             ("comment", None, "text/plain", b"just a field"),
             ("file", "a.bin", "application/octet-stream", self.TRICKY),
@@ -583,13 +325,13 @@ class MultipartParserTest(unittest.TestCase):
 
     def test_curl_style_body_with_short_boundary(self):
         boundary = b"------------------------d74496d66958873e"
-        body = multipart_body([file_part("results.xml", b"<xml/>\n", content_type="application/xml")],
-                              boundary=boundary)
+        body, _ = multipart_body([file_part("results.xml", b"<xml/>\n",
+                                            content_type="application/xml")], boundary=boundary)
         self.assertAllChunkSizes(body, [("file", "results.xml", "application/xml", b"<xml/>\n")],
                                  boundary=boundary)
         one = b"x"
         content = b"\r\n--y\r\n-x\r\n--\r\n\r\n-"  # near misses of "\r\n--x"
-        body = multipart_body([file_part("f", content)], boundary=one)
+        body, _ = multipart_body([file_part("f", content)], boundary=one)
         self.assertAllChunkSizes(body, [("file", "f", "application/octet-stream", content)],
                                  boundary=one)
 
@@ -803,9 +545,15 @@ class StoreTest(unittest.TestCase):
         return store
 
     def store_bytes(self, store, data, pin=True):
+        """Stage ``data`` in 1000-byte writes and publish it: (digests, info).
+
+        ``self.digest_threads``: the Digester threads running before finish.
+        """
         with store.stage("x.bin") as staged:
             for start in range(0, len(data), 1000):
                 staged.write(memoryview(data)[start:start + 1000])
+            self.digest_threads = sorted(thread.name for thread in threading.enumerate()
+                                         if thread.name.startswith("digest-"))
             digests = staged.finish()
             info = store.publish(staged)
             if pin:
@@ -814,8 +562,10 @@ class StoreTest(unittest.TestCase):
 
     def test_publish_lookup_and_reload(self):
         store = self.make_store()
-        data = os.urandom(300 * 1024) + b"end"  # past SMALL_BODY: threaded hashing
+        # Past SMALL_BODY, each digest is computed by a thread of its own.
+        data = os.urandom(http_bucket.SMALL_BODY + 300 * 1024) + b"end"
         digests, info = self.store_bytes(store, data)
+        self.assertEqual(self.digest_threads, ["digest-md5", "digest-sha256", "digest-sha512"])
         expected = digests_of(data)
         self.assertEqual(digests, {k: expected[k] for k in ("md5", "sha256", "sha512")})
         sha256 = expected["sha256"]
@@ -886,9 +636,7 @@ class StoreTest(unittest.TestCase):
 class CommandLineTest(unittest.TestCase):
 
     def run_server(self, *args, env=None, python_flags=()):
-        environ = {name: value for name, value in os.environ.items()
-                   if name not in SERVER_VARIABLES}
-        environ.update(env or {})
+        environ = clean_environment(env)
         with tempfile.TemporaryDirectory(prefix="http_bucket_cli_") as tmp:
             return subprocess.run([sys.executable] + list(python_flags) + [SERVER_SCRIPT] + list(args),
                                   env=environ, cwd=tmp, stdin=subprocess.DEVNULL,
@@ -1306,10 +1054,11 @@ class HttpTest(ServerTestCase):
 
     def test_malformed_multipart_is_400_and_keeps_nothing(self):
         data = self.unique("malformed", 3000)
-        reply = self.server.request("POST", "/upload", body=multipart_body([file_part("a", data)]),
+        body, _ = multipart_body([file_part("a", data)])
+        reply = self.server.request("POST", "/upload", body=body,
                                     headers={"Content-Type": "multipart/form-data"})
         self.assertError(reply, 400, "boundary")
-        whole = multipart_body([file_part("m.txt", data)])
+        whole, content_type = multipart_body([file_part("m.txt", data)])
         cases = [
             (whole[:-len(b"--" + BOUNDARY + b"--\r\n")], "no closing boundary"),
             (whole.replace(b"Content-Disposition", b"Content-Dispositio"), "Content-Disposition"),
@@ -1317,10 +1066,11 @@ class HttpTest(ServerTestCase):
              "boundary"),
             (whole.replace(b"\r\n\r\n", b"\r\nX-Big: " + b"b" * 6000 + b"\r\n\r\n", 1),
              "headers over"),
-            (multipart_body([field_part("note", b"no file here")]), "no file part"),
+            (multipart_body([field_part("note", b"no file here")])[0], "no file part"),
         ]
         for body, fragment in cases:
-            reply = self.server.request("POST", "/upload", body=body, headers=form_headers())
+            reply = self.server.request("POST", "/upload", body=body,
+                                        headers={"Content-Type": content_type})
             self.assertError(reply, 400, fragment)
             self.assertNotStored(data)
             self.assertStagingEmpty()
@@ -1381,8 +1131,8 @@ class HttpTest(ServerTestCase):
         parts = [file_part("../../evil.txt", data),
                  file_part("..\\..\\win.txt", data + b"w"),
                  file_part("/etc/passwd", data + b"p"),
-                 form_part("form-data; name=\"file\"; filename*=UTF-8''..%2F..%2Fpct.txt",
-                           data + b"q")]
+                 FormPart(disposition="form-data; name=\"file\"; "
+                          "filename*=UTF-8''..%2F..%2Fpct.txt", content=data + b"q")]
         reply = self.post_files(parts)
         self.assertEqual(reply.status, 201, reply)
         names = [entry["name"] for entry in reply.json()["files"]]
@@ -1399,9 +1149,10 @@ class HttpTest(ServerTestCase):
     def test_quoted_and_rfc5987_filenames(self):
         data = self.unique("names")
         reply = self.post_files([
-            form_part("form-data; name=\"file\"; filename=\"fallback.txt\"; "
-                      "filename*=UTF-8''%E2%82%AC.txt", data),
-            form_part('form-data; name="file"; filename="say \\"hi\\".txt"', data + b"2"),
+            FormPart(disposition="form-data; name=\"file\"; filename=\"fallback.txt\"; "
+                     "filename*=UTF-8''%E2%82%AC.txt", content=data),
+            FormPart(disposition='form-data; name="file"; filename="say \\"hi\\".txt"',
+                     content=data + b"2"),
         ])
         self.assertEqual(reply.status, 201, reply)
         files = reply.json()["files"]
@@ -1413,6 +1164,7 @@ class HttpTest(ServerTestCase):
     def test_keep_alive_every_response_has_content_length(self):
         data = self.unique("keep-alive")
         digests = digests_of(data)
+        form, content_type = multipart_body([file_part("ka.txt", data)])
         conn = self.server.connection()
         try:
             conn.connect()
@@ -1428,8 +1180,7 @@ class HttpTest(ServerTestCase):
                 ("GET", "/config", None, {}, 200),
                 ("GET", "/nope", None, {}, 404),
                 ("PATCH", "/upload", b"", {}, 405),
-                ("POST", "/upload", multipart_body([file_part("ka.txt", data)]),
-                 form_headers(), 200),
+                ("POST", "/upload", form, {"Content-Type": content_type}, 200),
                 ("PUT", "/upload/ka2.txt", data, {}, 200),
                 ("GET", "/upload", None, {}, 200),
             ]
@@ -1453,7 +1204,7 @@ class HttpTest(ServerTestCase):
         with self.server.raw_socket() as sock:
             sock.sendall(b"PUT /upload/aborted.bin HTTP/1.1\r\nHost: t\r\n"
                          b"Content-Length: 1000000\r\n\r\n" + prefix)
-            wait_until(self.staging_files, what="the upload's staged file")
+            wait_until(self.staging_files, POLL_TIMEOUT, what="the upload's staged file")
         self.assertStagingEmpty()
         self.assertEqual(self.blob_files(), blobs_before)
         self.assertEqual(self.server.request("GET", "/healthz").status, 200)
@@ -1461,13 +1212,13 @@ class HttpTest(ServerTestCase):
     def test_aborted_chunked_multipart_leaves_nothing(self):
         blobs_before = self.blob_files()
         data = self.unique("aborted multipart", 50000)
-        body = multipart_body([file_part("abort.bin", data)])
+        body, _ = multipart_body([file_part("abort.bin", data)])
         first = body[:len(body) // 2]
         head = (b"POST /upload HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n"
                 b"Content-Type: multipart/form-data; boundary=" + BOUNDARY + b"\r\n\r\n")
         with self.server.raw_socket() as sock:
             sock.sendall(head + b"%x\r\n" % len(first) + first + b"\r\n" + b"1000\r\nonly part")
-            wait_until(self.staging_files, what="the upload's staged file")
+            wait_until(self.staging_files, POLL_TIMEOUT, what="the upload's staged file")
         self.assertStagingEmpty()
         self.assertEqual(self.blob_files(), blobs_before)
         self.assertNotStored(data)
@@ -1636,7 +1387,7 @@ class RestartTest(unittest.TestCase):
         return server
 
     def indexed_count(self, server):
-        match = wait_until(lambda: self.INDEXED.search(server.log_text()),
+        match = wait_until(lambda: self.INDEXED.search(server.log_text()), POLL_TIMEOUT,
                            what="the 'indexed N blobs in X s' line")
         float(match.group(2))
         return int(match.group(1))
@@ -1678,7 +1429,7 @@ class RestartTest(unittest.TestCase):
         server = self.start()
         for algorithm in ("md5", "sha512", "sha256"):
             wait_until(lambda: server.request("HEAD", "/checksum/" + digests[algorithm]).status == 200,
-                       what="HEAD by %s of an unrecorded blob" % algorithm)
+                       POLL_TIMEOUT, what="HEAD by %s of an unrecorded blob" % algorithm)
         server.restart()
         self.assertEqual(self.indexed_count(server), 1)
         self.assertEqual(server.request("HEAD", "/checksum/" + digests["md5"]).status, 200)
