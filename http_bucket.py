@@ -58,10 +58,13 @@ import base64
 import binascii
 import bz2
 import collections
+import datetime
 import email.utils
 import errno
+import fnmatch
 import fcntl
 import hashlib
+import heapq
 import hmac
 import html
 import importlib
@@ -163,9 +166,19 @@ MIN_BODY_RATE = 16 * 1024           # bytes/s a body must average over each
 
 DEFAULT_DIGESTS = ("md5", "sha256", "sha512")
 LOOKUP_LENGTHS = {32: "md5", 40: "sha1", 64: "sha256", 128: "sha512"}
-XATTR_DIGESTS = "user.http_bucket.digests"  # "md5=..;sha256=.." on each blob
-                                            # inode: any name (a hardlink)
-                                            # tells its blob and digests
+XATTR_DIGESTS = "user.http_bucket.digests"  # "md5=..;sha256=..;name=.." on
+                                            # each blob inode: any name (a
+                                            # hardlink) tells its blob, its
+                                            # digests and the file name it
+                                            # was last uploaded as (quoted)
+MAX_META_KEYS = 32                  # metadata keys of one upload
+MAX_META_BYTES = 256                # bytes of one metadata key or value
+UPLOADS_PAGE = 100                  # records per /uploads page by default
+MAX_UPLOADS_PAGE = 1000             # ... and at most (?limit=)
+UPLOADS_BLOCK = 1024 * 1024         # bytes read at a time when the uploads
+                                    # log is scanned backwards
+GONE_REASONS_DAYS = 365             # why a blob went (R records) is kept
+                                    # this long across restarts
 
 # ===========================================================================
 # Errors: each carries its HTTP status; the dispatcher turns them into JSON
@@ -300,6 +313,8 @@ def check_segment(segment, what="path"):
 
 
 RESERVED_PREFIX = ".~"  # the store's own temporary names in every directory
+MADE_FILE = RESERVED_PREFIX + "made"  # "<time>\t<name>" per name made in a
+                                      # directory (Store.made_file)
 
 
 def check_new_name(segment, what="name"):
@@ -1061,6 +1076,26 @@ class Digester:
         return {name: digest.hexdigest() for name, digest in self.hashes.items()}
 
 
+def blob_xattr(digests, name):
+    """The value of a blob's XATTR_DIGESTS: its digests and upload name."""
+    items = ["%s=%s" % item for item in sorted(digests.items())]
+    if name:
+        items.append("name=" + urllib.parse.quote(name, safe=""))
+    return ";".join(items).encode("ascii")
+
+
+def read_blob_xattr(path):
+    """(digests, upload name or None) from a blob's xattr; ({}, None)
+    when it has none (copied in, no user xattrs on this filesystem)."""
+    try:
+        text = os.getxattr(path, XATTR_DIGESTS).decode("ascii")
+        items = dict(item.split("=", 1) for item in text.split(";"))
+    except (OSError, AttributeError, UnicodeDecodeError, ValueError):
+        return {}, None
+    name = items.pop("name", None)
+    return items, name and urllib.parse.unquote(name)
+
+
 class StagedBlob:
     """A file being written under this process's staging directory.
 
@@ -1104,8 +1139,7 @@ class StagedBlob:
         self.digester = None
         try:
             try:  # before fchmod: a user xattr needs write permission
-                os.setxattr(self.fd, XATTR_DIGESTS, ";".join(
-                    "%s=%s" % item for item in sorted(self.digests.items())).encode())
+                os.setxattr(self.fd, XATTR_DIGESTS, blob_xattr(self.digests, self.filename))
             except (OSError, AttributeError):
                 pass  # no user xattrs here: names are hashed when asked
             if sync and self.store.config.fsync:
@@ -1367,6 +1401,61 @@ class Pins:
             yield Journal.line("P", sha256, "%.3f" % until)
 
 
+class RemovedBlobs:
+    """Why blobs were removed (R journal records): sha256 -> reason.
+
+    8 bytes a blob: a sorted array of 64-bit words, 56 bits of the sha256
+    and a reason code; new entries wait in a dict and are merged in
+    MERGE_EVERY at a time (slices of the array copied around them, so a
+    merge costs a copy of the array, not a Python loop over it).  A 56-bit
+    prefix shared by two removed blobs gives the later one's reason to
+    both: a reason is a note for people, never a decision.
+    """
+
+    REASONS = ("deleted", "expired", "evicted", "undone", "reclaimed")
+    MERGE_EVERY = 4096
+
+    def __init__(self):
+        self.words = array.array("Q")
+        self.recent = {}
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def key(sha256):
+        return int(sha256[:14], 16)
+
+    def add(self, sha256, reason):
+        code = self.REASONS.index(reason) if reason in self.REASONS else 0
+        with self.lock:
+            self.recent[self.key(sha256)] = code
+            if len(self.recent) >= self.MERGE_EVERY:
+                self._merge()
+
+    def get(self, sha256):
+        """The reason blob ``sha256`` was removed, or None if unknown."""
+        key = self.key(sha256)
+        code = self.recent.get(key)
+        if code is None:
+            spot = bisect.bisect_left(self.words, key << 8)
+            if spot < len(self.words) and self.words[spot] >> 8 == key:
+                code = self.words[spot] & 0xFF
+        return None if code is None else self.REASONS[code]
+
+    def __len__(self):
+        return len(self.words) + len(self.recent)
+
+    def _merge(self):
+        merged = array.array("Q")
+        start = 0
+        for key in sorted(self.recent):
+            spot = bisect.bisect_left(self.words, key << 8, start)
+            merged += self.words[start:spot]
+            merged.append(key << 8 | self.recent[key])
+            start = spot + (spot < len(self.words) and self.words[spot] >> 8 == key)
+        merged += self.words[start:]
+        self.words, self.recent = merged, {}
+
+
 class JournalSet:
     """Every process's journal as this process reads them.
 
@@ -1490,6 +1579,8 @@ class JournalSet:
             store.set_derived(fields[0], fields[1])
         elif kind == "E" and len(fields) >= 2:
             store.expire_in_memory(fields[1], float(fields[0]))
+        elif kind == "R" and len(fields) >= 2 and len(fields[0]) == 64:
+            store.removed.add(fields[0], fields[1])
 
     def scan_blobs(self):
         """Hash blobs that have no record (copied in, or a lost journal)."""
@@ -1582,8 +1673,16 @@ class JournalSet:
                       "mid-upload" % reclaimed)
 
     def _live_record(self, line, seen, orphans):
-        """The sha256 of a B line whose blob is still on disk, else None."""
+        """The sha256 of a B line whose blob is still on disk, or of an R
+        line younger than GONE_REASONS_DAYS whose blob is still gone, else
+        None."""
         parsed = parse_journal_line(line)
+        if parsed is not None and parsed[0] == "R":
+            sha256 = parsed[2][0]
+            recent = parsed[1] > utc_now() - GONE_REASONS_DAYS * 86400
+            if recent and len(sha256) == 64 and not os.path.exists(self.store.blob_path(sha256)):
+                return sha256
+            return None
         if parsed is None or parsed[0] != "B":
             return None
         sha256 = _field_digest(parsed[2], "sha256")
@@ -1687,7 +1786,7 @@ class Store:
     journal lines; without, they take effect (and are journaled) at once.
     """
 
-    TOP_DIRS = ("blob", "explode", "replica", "files", "staging", "index")
+    TOP_DIRS = ("blob", "explode", "replica", "files", "staging", "index", "uploads")
 
     def __init__(self, config, log=None):
         self.config = config
@@ -1696,9 +1795,9 @@ class Store:
         self.log = log or (lambda message: None)
         for name in self.TOP_DIRS:
             makedirs(os.path.join(self.root, name))
+        self.tag = secrets.token_hex(3)  # tells this process's records apart
         self.process_id = "%s-%d-%s" % (
-            re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:64],
-            os.getpid(), secrets.token_hex(3))
+            re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:64], os.getpid(), self.tag)
         self.index_dir = os.path.join(self.root, "index")
         self.journal = Journal(self.index_dir, self.process_id)
         self.staging_dir = os.path.join(self.root, "staging", self.process_id)
@@ -1706,6 +1805,7 @@ class Store:
         self.index = ChecksumIndex(self.algorithms)
         self.pins = Pins()
         self.expiries = {}    # relpath -> retain_until, names that expire
+        self.removed = RemovedBlobs()  # why blobs went: for the uploads log
         self.derived = {}     # sha256 -> sha256 of its decompressed blob
         self.sources = collections.Counter()  # decompressed sha256 -> sources
         self.ready = threading.Event()       # lookups may trust the index
@@ -1806,13 +1906,9 @@ class Store:
         when stored; content without it (copied in, a filesystem without
         user xattrs) is hashed once and remembered by inode.
         """
-        try:
-            text = os.getxattr(path, XATTR_DIGESTS).decode("ascii")
-            digests = dict(item.split("=", 1) for item in text.split(";"))
-            if all(name in digests for name in self.algorithms):
-                return digests
-        except (OSError, AttributeError, UnicodeDecodeError, ValueError):
-            pass
+        digests, _ = read_blob_xattr(path)
+        if all(name in digests for name in self.algorithms):
+            return digests
         st = os.stat(path)
         key = (st.st_dev, st.st_ino, st.st_mtime_ns)
         if key not in self._name_digests:
@@ -1824,6 +1920,91 @@ class Store:
                 self._name_digests.clear()
             self._name_digests[key] = digester.hexdigests()
         return self._name_digests[key]
+
+    def blob_name(self, sha256):
+        """The file name blob ``sha256`` was last uploaded as, or None."""
+        return read_blob_xattr(self.blob_path(sha256))[1]
+
+    def name_blob(self, sha256, name, txn):
+        """Remember ``name`` as the file name a stored blob was last
+        uploaded as (downloads by checksum offer it); undone on rollback."""
+        path = self.blob_path(sha256)
+        digests, before = read_blob_xattr(path)
+        if not digests or before == name:
+            return  # no xattrs on this filesystem, or nothing to change
+        self._set_blob_xattr(path, digests, name)
+        txn.on_undo(self._set_blob_xattr, path, digests, before)
+
+    @staticmethod
+    def _set_blob_xattr(path, digests, name):
+        value = blob_xattr(digests, name)
+        try:
+            os.setxattr(path, XATTR_DIGESTS, value)
+        except PermissionError:  # a read-only blob, and not root: writable for a moment
+            os.chmod(path, 0o644)
+            try:
+                os.setxattr(path, XATTR_DIGESTS, value)
+            finally:
+                os.chmod(path, 0o444)
+        except OSError:
+            pass
+
+    def gone_reason(self, sha256, expires=None):
+        """None while blob ``sha256`` is stored; else why it went:
+        "deleted", "expired" or "evicted" (an upload taken back or left
+        by a crash counts as deleted; a removal no journal remembers is
+        "expired" past ``expires``, else "deleted")."""
+        if os.path.exists(self.blob_path(sha256)):
+            return None
+        reason = self.removed.get(sha256)
+        if reason in ("deleted", "expired", "evicted"):
+            return reason
+        if reason is None and expires and expires <= utc_now():
+            return "expired"
+        return "deleted"
+
+    def made_file(self, directory):
+        """Where the times names of ``directory`` were made are noted: in a
+        tree of its own beside the journals, index/made/<relpath>/MADE_FILE
+        (not in the directory itself, which holds only what clients named)."""
+        return os.path.join(self.index_dir, "made", self.relpath(directory), MADE_FILE)
+
+    def note_made(self, path, when):
+        """Note that name ``path`` was made at ``when``: listings show it
+        (the inode's times are its content's, shared by all its names)."""
+        line = "%.3f\t%s\n" % (when, os.path.basename(path))
+        made_file = self.made_file(os.path.dirname(path))
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+        try:
+            try:
+                fd = os.open(made_file, flags, 0o644)
+            except FileNotFoundError:
+                makedirs(os.path.dirname(made_file))
+                fd = os.open(made_file, flags, 0o644)
+            try:
+                os.write(fd, line.encode("utf-8", "surrogateescape"))
+            finally:
+                os.close(fd)
+        except OSError as exc:  # after the commit point: a listing falls back to ctime
+            self.log("could not note when %s was made: %s" % (self.relpath(path), exc))
+
+    def made_times(self, directory):
+        """{name: time made} noted for ``directory`` (the last note of a
+        name wins); {} when there is none."""
+        made = {}
+        try:
+            with open(self.made_file(directory), "r", encoding="utf-8",
+                      errors="surrogateescape") as handle:
+                for line in handle:
+                    when, sep, name = line.rstrip("\n").partition("\t")
+                    if sep and line.endswith("\n"):
+                        try:
+                            made[name] = float(when)
+                        except ValueError:
+                            pass
+        except OSError:
+            pass
+        return made
 
     def names_of(self, sha256, limit):
         """Up to ``limit`` names (relpaths) that are hardlinks of a blob.
@@ -2048,6 +2229,7 @@ class Store:
                 raise_storage_error(exc)
         if txn is not None:
             txn.on_undo(self._restore_name, dest, os.lstat(dest).st_ino, previous)
+            txn.on_commit(self.note_made, dest, utc_now())
         return previous
 
     def _restore_name(self, dest, inode, previous):
@@ -2097,6 +2279,7 @@ class Store:
             os.unlink(grave)
             return False
         os.unlink(grave)
+        self.removed.add(sha256, reason)
         try:
             self.journal.write("R", sha256, reason)
         except InsufficientStorage:
@@ -2166,6 +2349,7 @@ class Store:
                 else:
                     _rmdir_quietly(full)
         _rmdir_quietly(path)
+        shutil.rmtree(os.path.dirname(self.made_file(path)), ignore_errors=True)
         self.set_expiry(self.relpath(path), 0)
         return names, reclaimed
 
@@ -2815,6 +2999,7 @@ def make_replicas(store, templates, headers, name, info, staged, tree, retain_un
         for path in made:
             relpath = store.relpath(path)
             store.set_expiry(relpath, retain_until, txn)
+            txn.on_commit(store.note_made, path, utc_now())
             created.append(relpath)
     return created, skipped
 
@@ -2886,6 +3071,20 @@ def upload_retention(headers, query, fields, default_days):
     return retention_until(None, default_days, "retain_days")
 
 
+def upload_keep(headers, query, fields):
+    """Whether an upload asks never to be evicted: the ``X-Bucket-Keep``
+    header, else the form field ``keep``, else ``?keep=``; BadRequest for
+    a value that is not a boolean."""
+    for value, what in ((headers.get("x-bucket-keep"), "X-Bucket-Keep"),
+                        (fields.get("keep"), "form field keep"), (query.get("keep"), "?keep")):
+        if value is not None:
+            try:
+                return _bool(value)
+            except ValueError:
+                raise BadRequest("%s must be true or false (1 or 0), got %r" % (what, value[:40]))
+    return False
+
+
 class Sweeper(threading.Thread):
     """Removes expired names and pins, then blobs nothing references.
 
@@ -2933,6 +3132,305 @@ class Sweeper(threading.Thread):
 
 
 # ===========================================================================
+# Uploads log: a record of every upload, per process, read newest first
+# ===========================================================================
+
+_META_KEY = re.compile(r"^[A-Za-z0-9_.-]+$")
+META_HEADER = "x-bucket-meta-"
+META_FIELD = "meta."
+
+
+def header_text(value):
+    """A header value as text: UTF-8 when its bytes are UTF-8 (clients send
+    it so), else ISO-8859-1, the bytes as they came (RFC 9110 5.5)."""
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return value
+
+
+def parse_metadata(headers, fields):
+    """{key: value} of an upload's ``X-Bucket-Meta-<Key>`` headers and
+    ``meta.<key>`` form fields.  Keys are lower-cased.  Raises BadRequest
+    naming the bad one: a key outside ``[A-Za-z0-9_.-]``, a key or value
+    over MAX_META_BYTES, a control character in a value, more than
+    MAX_META_KEYS keys, one key given twice with different values."""
+    meta = {}
+    given = [(name[len(META_HEADER):], header_text(value), "header X-Bucket-Meta-")
+             for name, value in headers.items() if name.startswith(META_HEADER)]
+    given += [(name[len(META_FIELD):], value, "form field meta.")
+              for name, value in fields.items() if name.lower().startswith(META_FIELD)]
+    for key, value, where in given:
+        what = "metadata %s%s" % (where, key[:60])
+        if not _META_KEY.match(key) or len(key) > MAX_META_BYTES:
+            raise BadRequest("%s: a key is 1 to %d of A-Z a-z 0-9 _ . -"
+                             % (what, MAX_META_BYTES))
+        if len(value.encode("utf-8", "surrogatepass")) > MAX_META_BYTES:
+            raise BadRequest("%s: value over %d bytes" % (what, MAX_META_BYTES))
+        if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+            raise BadRequest("%s: value holds a control character" % what)
+        key = key.lower()
+        if meta.get(key, value) != value:
+            raise BadRequest("%s: given twice with different values" % what)
+        meta[key] = value
+    if len(meta) > MAX_META_KEYS:
+        raise BadRequest("metadata: %d keys, at most %d" % (len(meta), MAX_META_KEYS))
+    return meta
+
+
+def parse_time(text, what):
+    """Epoch seconds of ISO 8601 (UTC unless it says otherwise) or of an
+    epoch number; BadRequest naming ``what`` for anything else."""
+    text = text.strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise BadRequest("%s must be ISO 8601 (2026-11-30, 2026-11-30T05:00:00Z) or epoch "
+                         "seconds, got %r" % (what, text[:60]))
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return moment.timestamp()
+
+
+def iso_time(epoch):
+    """UTC ISO 8601 with milliseconds: ``2026-11-30T05:26:56.123Z``."""
+    moment = datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + "%03dZ" % (moment.microsecond // 1000)
+
+
+def record_id(epoch, tag):
+    """A record's id: microseconds since the epoch (16 digits: ids sort as
+    times until the year 2286) and the writing process's tag."""
+    return "%016d-%s" % (int(epoch * 1000000), tag)
+
+
+#: A query of the uploads log: ``name`` a glob (case-insensitive), ``sha256``
+#: the sha256 (or its 32-hex prefix) asked for, ``meta`` {key: value} all
+#: of which must match, ``since``/``until`` epoch bounds, ``before`` the
+#: cursor (records with smaller ids follow), ``limit`` records per page.
+UploadQuery = collections.namedtuple(
+    "UploadQuery", "name sha256 meta since until before limit")
+
+
+def query_needles(query):
+    """Byte strings a record's line must contain for ``query`` to match
+    (checked before the line is parsed): (bytes, case-insensitive)."""
+    needles = []
+    if query.sha256:
+        needles.append((query.sha256.encode(), False))
+    for key, value in sorted(query.meta.items()):
+        needles.append((("%s: %s" % (json.dumps(key, ensure_ascii=False),
+                                     json.dumps(value, ensure_ascii=False))).encode("utf-8"),
+                        False))
+    if query.name:
+        literal = max(re.split(r"[*?\[\]]", query.name), key=len)
+        if literal:
+            fragment = json.dumps(literal, ensure_ascii=False)[1:-1].lower()
+            needles.append((fragment.encode("utf-8"), True))
+    return needles
+
+
+def record_matches(record, query):
+    """The whole test of a parsed record against ``query``."""
+    if query.sha256 and not record.get("sha256", "").startswith(query.sha256):
+        return False
+    meta = record.get("meta") or {}
+    if any(meta.get(key) != value for key, value in query.meta.items()):
+        return False
+    if query.name and not fnmatch.fnmatchcase(record.get("name", "").lower(),
+                                              query.name.lower()):
+        return False
+    return True
+
+
+class UploadsLog:
+    """Every accepted upload, one JSON line each, in ``uploads/``.
+
+    Each process appends to its own file, ``uploads/<process>.jsonl``,
+    under a lock, with one write per line (written whole before the upload
+    is answered; a torn last line of a crashed process is skipped).  A
+    line starts with the record's ``id`` (record_id: time, then the
+    process's tag), and ids only grow within a file, so each file is
+    sorted by id: ``query`` binary-searches each file for the cursor and
+    the time bounds, reads backwards a block at a time, skips lines
+    without the query's needles unparsed, and merges the files newest
+    first.  Memory: a block per file and one page of records; no index.
+    A record is taken back by a later ``{"withdrawn": id}`` line.
+    """
+
+    def __init__(self, directory, process_id, tag):
+        self.directory = directory
+        makedirs(directory)
+        self.path = os.path.join(directory, process_id + ".jsonl")
+        self.tag = tag
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self.lock = threading.Lock()
+        self.last = 0
+
+    def append(self, record):
+        """Give ``record`` its id and time, write it; returns the id.
+        Raises InsufficientStorage when the disk is full."""
+        with self.lock:
+            micros = max(int(utc_now() * 1000000), self.last + 1)
+            self.last = micros
+            record_with_id = {"id": record_id(micros / 1000000.0, self.tag),
+                              "time": iso_time(micros / 1000000.0)}
+            record_with_id.update(record)
+            line = json.dumps(record_with_id, ensure_ascii=False, separators=(", ", ": "))
+            try:
+                os.write(self.fd, (line + "\n").encode("utf-8", "surrogateescape"))
+            except OSError as exc:
+                raise_storage_error(exc)
+        return record_with_id["id"]
+
+    def withdraw(self, rid, record):
+        """Take back record ``rid`` (its upload was rolled back): a copy of
+        it that says so, which a query meets first (newer) and which holds
+        the same needles."""
+        self.append(dict(record, withdrawn=rid))
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    # -- reading -------------------------------------------------------------
+
+    def query(self, query):
+        """(records newest first, at most query.limit; next cursor or None)."""
+        files = [os.path.join(self.directory, name) for name in os.listdir(self.directory)
+                 if name.endswith(".jsonl")]
+        needles = query_needles(query)
+        streams = [self._records(path, query, needles) for path in files]
+        merged = heapq.merge(*streams, key=lambda item: item[0], reverse=True)
+        page = []
+        for rid, record in merged:
+            if len(page) == query.limit:
+                return page, page[-1]["id"]
+            page.append(record)
+        return page, None
+
+    def _records(self, path, query, needles):
+        """(id, record) of one file's matching records, newest first."""
+        try:
+            handle = open(path, "rb")
+        except FileNotFoundError:
+            return
+        with handle:
+            size = os.fstat(handle.fileno()).st_size
+            end = size
+            if query.before:
+                end = _first_at_or_after(handle, size, query.before.encode())
+            if query.until is not None:
+                upper = record_id(query.until, "~").encode()  # "~" sorts after any tag
+                end = min(end, _first_at_or_after(handle, size, upper))
+            lower = record_id(query.since, "").encode() if query.since is not None else b""
+            withdrawn = set()
+            for line in _lines_backwards(handle, end, needles):
+                rid = _line_id(line)
+                if rid is None:
+                    continue
+                if rid < lower:
+                    return
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue  # torn by a crash
+                if "withdrawn" in record:
+                    withdrawn.add(record["withdrawn"])
+                elif record["id"] not in withdrawn and record_matches(record, query):
+                    yield rid, record
+
+
+def _line_id(line):
+    """The id at the start of a record's line (bytes), or None."""
+    if not line.startswith(b'{"id": "'):
+        return None
+    end = line.find(b'"', 8)
+    return line[8:end] if end > 8 else None
+
+
+def _first_at_or_after(handle, size, key):
+    """Offset of the first line whose id is >= ``key`` (ids grow along the
+    file), found by bisection on line starts; ``size`` when there is none."""
+    low, high = 0, size  # the answer is a line start in [low, high]
+    while high - low > UPLOADS_BLOCK:
+        middle = (low + high) // 2
+        handle.seek(middle)
+        handle.readline()  # to the next line start
+        start = handle.tell()
+        if start >= high:
+            break  # a line longer than half the window: scan it all
+        rid = _line_id(handle.readline())
+        if rid is not None and rid >= key:
+            high = start
+        else:
+            low = start
+    handle.seek(low)
+    data = handle.read(high - low)
+    position = 0
+    while position < len(data):
+        newline = data.find(b"\n", position)
+        if newline < 0:
+            break
+        rid = _line_id(data[position:newline])
+        if rid is not None and rid >= key:
+            return low + position
+        position = newline + 1
+    return high
+
+
+def _lines_backwards(handle, end, needles):
+    """Whole lines of ``handle`` before offset ``end``, last first, skipping
+    lines that lack a needle (searched in whole blocks, not per line)."""
+    carry = b""
+    position = end
+    while position > 0:
+        start = max(0, position - UPLOADS_BLOCK)
+        handle.seek(start)
+        block = handle.read(position - start) + carry
+        position = start
+        first = block.find(b"\n") + 1 if start > 0 else 0
+        if start > 0 and first == 0:
+            carry = block  # one line longer than a block: keep reading
+            continue
+        carry, block = block[:first], block[first:]
+        for line in reversed(_candidate_lines(block, needles)):
+            yield line
+    if carry:
+        for line in reversed(_candidate_lines(carry, needles)):
+            yield line
+
+
+def _candidate_lines(block, needles):
+    """Lines of ``block`` (whole lines, ending in newlines except perhaps
+    the last, which is ignored: a line still being written) that contain
+    every needle, in order."""
+    if not needles:
+        return [line for line in block.split(b"\n")[:-1] if line]
+    text, case_insensitive = needles[0]
+    haystack = block.lower() if case_insensitive else block
+    lines, seen = [], -1
+    found = haystack.find(text)
+    while found >= 0:
+        start = block.rfind(b"\n", 0, found) + 1
+        stop = block.find(b"\n", found)
+        if stop < 0:
+            break
+        if start > seen:
+            line = block[start:stop]
+            if all((need in line.lower()) if ci else (need in line) for need, ci in needles[1:]):
+                lines.append(line)
+            seen = start
+        found = haystack.find(text, stop)
+    return lines
+
+
+# ===========================================================================
 # Upload transaction: what one request stores, all or nothing
 # ===========================================================================
 
@@ -2944,13 +3442,17 @@ class Sweeper(threading.Thread):
 Incoming = collections.namedtuple("Incoming", "filename staged deploy dest")
 #: What a request delivered, read whole before anything is stored:
 #: ``files`` (Incoming), ``exclusive`` (If-None-Match: *), ``retain_until``
-#: (0: none) and the request ``headers`` (replica templates read them).
-Received = collections.namedtuple("Received", "files exclusive retain_until headers")
+#: (0: none), the request ``headers`` (replica templates read them), its
+#: ``meta`` {key: value}, ``keep`` (never evicted) and the ``client`` address.
+Received = collections.namedtuple(
+    "Received", "files exclusive retain_until headers meta keep client")
 #: What the store made of one Incoming file: its BlobInfo and MIME type,
 #: whether it was deployed by checksum, its Expansion, its name (relpath
-#: under files/ or None), its replicas (relpaths) and skipped templates.
+#: under files/ or None), its replicas (relpaths) and skipped templates,
+#: and the id of its uploads-log record.
 StoredFile = collections.namedtuple(
-    "StoredFile", "filename blob mime deployed expansion name replicas replicas_skipped")
+    "StoredFile", "filename blob mime deployed expansion name replicas replicas_skipped "
+                  "record")
 
 
 class UploadTransaction:
@@ -2966,9 +3468,10 @@ class UploadTransaction:
     left.  The staged files are removed in every case.
     """
 
-    def __init__(self, store, templates):
+    def __init__(self, store, templates, uploads_log):
         self.store = store
         self.templates = templates
+        self.uploads_log = uploads_log
         self.expander = Expander(store)
 
     def commit(self, received):
@@ -2976,7 +3479,8 @@ class UploadTransaction:
         try:
             self.check_names(received)
             with Transaction(self.store) as txn:
-                return [self._store(received, item, txn) for item in received.files]
+                stored = [self._store(received, item, txn) for item in received.files]
+                return [self._record(received, item, txn) for item in stored]
         finally:
             for item in received.files:
                 if item.staged is not None:
@@ -3004,6 +3508,8 @@ class UploadTransaction:
             head = item.staged.head
         else:
             blob, head = store.stored_blob(item.deploy)
+        if not blob.new:  # a new blob got its name when staged
+            store.name_blob(blob.sha256, item.filename, txn)
         if item.dest is None:
             store.pin(blob.sha256, received.retain_until, txn)
         expansion = self.expander.expand(blob, head, item.filename, txn)
@@ -3020,7 +3526,25 @@ class UploadTransaction:
                 store, self.templates, received.headers, item.filename, blob, item.staged,
                 tree, received.retain_until, txn)
         return StoredFile(item.filename, blob, guess_mime(head, item.filename),
-                          item.staged is None, expansion, name, replicas, skipped)
+                          item.staged is None, expansion, name, replicas, skipped, None)
+
+    def _record(self, received, stored, txn):
+        """Write the uploads-log record of a stored file (before the
+        journal's commit point: a failure there withdraws it)."""
+        expansion = stored.expansion
+        record = {
+            "name": stored.filename, "size": stored.blob.size, "sha256": stored.blob.sha256,
+            "mime": stored.mime, "blob": stored.blob.path,
+            "decompressed": expansion.decompressed and expansion.decompressed.blob.path,
+            "tree": expansion.tree and expansion.tree.path,
+            "names": [stored.name] if stored.name else [], "replicas": stored.replicas,
+            "expires": iso_time(received.retain_until) if received.retain_until else None,
+            "keep": received.keep, "client": received.client, "meta": received.meta}
+        if stored.deployed:
+            record["deployed"] = True
+        rid = self.uploads_log.append(record)
+        txn.on_undo(self.uploads_log.withdraw, rid, record)
+        return stored._replace(record=rid)
 
 
 # ===========================================================================
@@ -3162,13 +3686,21 @@ def write_tree_tar(sink, root, mode):
                 archive.addfile(info, source)
 
 
-def listing_entry(store, directory, name):
+def listing_entry(store, directory, name, made):
+    """One directory entry as JSON: name, type, ``mtime`` (of the content),
+    ``made`` (when this name was made: ``made`` holds the directory's
+    MADE_FILE times, else the inode's change time), ``expires`` when the
+    name has a retention, and for files ``size`` and ``sha256``."""
     full = os.path.join(directory, name)
     try:
         st = os.lstat(full)
     except FileNotFoundError:
         return {"name": name, "type": "gone"}
-    entry = {"name": name, "mtime": round(st.st_mtime, 3)}
+    entry = {"name": name, "mtime": round(st.st_mtime, 3),
+             "made": round(made.get(name, st.st_ctime), 3)}
+    expires = store.expiries.get(store.relpath(full))
+    if expires:
+        entry["expires"] = round(expires, 3)
     if stat.S_ISLNK(st.st_mode):
         entry["type"] = "symlink"
         entry["target"] = os.readlink(full)
@@ -3181,6 +3713,27 @@ def listing_entry(store, directory, name):
             entry["sha256"] = store.name_sha256(full)
         except OSError:
             entry["sha256"] = None
+    return entry
+
+
+def upload_entry(record, store, url):
+    """A record of the uploads log as /uploads shows it: with ``urls`` to
+    everything it made, ``gone`` (why its content went, or null) and
+    ``names_gone`` (its names deleted since, content or not)."""
+    entry = dict(record)
+    sha256 = record["sha256"]
+    expires = parse_time(record["expires"], "expires") if record.get("expires") else None
+    entry["gone"] = store.gone_reason(sha256, expires)
+    made = record.get("names", []) + record.get("replicas", [])
+    entry["names_gone"] = [name for name in made
+                           if not os.path.lexists(store.path_of(name))]
+    urls = {"download": url("checksum/" + sha256) + "?name=" + urllib.parse.quote(record["name"]),
+            "names": [url(name) for name in record.get("names", [])],
+            "replicas": [url(name) for name in record.get("replicas", [])],
+            "tree": record.get("tree") and url(record["tree"]) + "/",
+            "decompressed": record.get("decompressed") and
+            url("checksum/" + posixpath.basename(record["decompressed"]))}
+    entry["urls"] = urls
     return entry
 
 
@@ -3264,6 +3817,7 @@ def blob_receipt(name, info, mime, url):
 def file_receipt(stored, url):
     """The receipt entry of one StoredFile."""
     entry = blob_receipt(stored.filename, stored.blob, stored.mime, url)
+    entry["id"] = stored.record
     if stored.deployed:
         entry["deployed"] = True
     if stored.name:
@@ -3278,6 +3832,7 @@ def file_receipt(stored, url):
         "files": tree.files[:MAX_JSON_LIST], "skipped": tree.skipped,
         "existing": tree.existing}
     entry["expansion_error"] = expansion.error
+    entry["tree"] = tree and url(tree.path) + "/"
     if not stored.name:
         entry["replicas"] = stored.replicas
         entry["replicas_skipped"] = stored.replicas_skipped
@@ -3424,18 +3979,69 @@ def listing_html_head(relpath):
             "text-align:left}td.n{text-align:right}</style></head><body><h1>%s</h1>"
             "<p><a href='../'>..</a> &middot; <a href='/'>upload</a> &middot; download as "
             "<a href='?download=zip'>zip</a> <a href='?download=tar.gz'>tar.gz</a></p><table>"
-            "<tr><th>name</th><th>size</th><th>modified (UTC)</th><th>sha256</th></tr>"
-            % (title, title))
+            "<tr><th>name</th><th>size</th><th>made (UTC)</th><th>expires (UTC)</th>"
+            "<th>sha256</th></tr>" % (title, title))
+
+
+def utc_text(epoch):
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(epoch)) if epoch else ""
 
 
 def listing_html_row(entry):
     name = entry["name"] + ("/" if entry.get("type") == "dir" else "")
     link = urllib.parse.quote(entry["name"]) + ("/" if entry.get("type") == "dir" else "")
-    mtime = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(entry.get("mtime", 0)))
     extra = " &rarr; " + html.escape(entry["target"]) if entry.get("type") == "symlink" else ""
-    return "<tr><td><a href='%s'>%s</a>%s</td><td class=n>%s</td><td>%s</td><td><code>%s</code></td></tr>\n" % (
-        html.escape(link, quote=True), html.escape(name), extra,
-        entry.get("size", ""), mtime, entry.get("sha256") or "")
+    return ("<tr><td><a href='%s'>%s</a>%s</td><td class=n>%s</td><td>%s</td><td>%s</td>"
+            "<td><code>%s</code></td></tr>\n" % (
+                html.escape(link, quote=True), html.escape(name), extra, entry.get("size", ""),
+                utc_text(entry.get("made")), utc_text(entry.get("expires")),
+                entry.get("sha256") or ""))
+
+
+def uploads_html(entries, query, cursor):
+    """The /uploads page: a filter form and the records, newest first."""
+    def text(value):
+        return html.escape(str(value), quote=True)
+
+    meta_text = " ".join("%s=%s" % item for item in sorted(query.meta.items()))
+    rows = []
+    for entry in entries:
+        urls = entry["urls"]
+        made = [("<a href='%s'>%s</a>" % (text(link), text(name)))
+                if name not in entry["names_gone"] else "<s>%s</s>" % text(name)
+                for name, link in zip(entry["names"] + entry["replicas"],
+                                      urls["names"] + urls["replicas"])]
+        if urls["tree"]:
+            made.append("<a href='%s'>tree</a>" % text(urls["tree"]))
+        name = text(entry["name"]) if entry["gone"] else "<a href='%s'>%s</a>" % (
+            text(urls["download"]), text(entry["name"]))
+        rows.append("<tr><td>%s</td><td>%s%s</td><td class=n>%d</td><td><code>%s</code></td>"
+                    "<td>%s</td><td>%s</td><td>%s</td></tr>" % (
+                        text(entry["time"][:19].replace("T", " ")), name,
+                        " (%s)" % text(entry["gone"]) if entry["gone"] else "", entry["size"],
+                        text(entry["sha256"][:16]), " ".join(made),
+                        text(" ".join("%s=%s" % item for item in sorted(entry["meta"].items()))),
+                        text(entry.get("expires") or "")))
+    more = ""
+    if cursor:
+        pairs = [(key, value) for key, value in (
+            ("name", query.name), ("sha256", query.sha256), ("limit", query.limit))
+            if value] + [("meta." + key, value) for key, value in sorted(query.meta.items())]
+        more = "<p><a href='?%s'>older uploads</a></p>" % text(
+            urllib.parse.urlencode(pairs + [("before", cursor)]))
+    return ("<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+            "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+            "<title>Uploads - http_bucket</title><style>body{font:14px system-ui,sans-serif;"
+            "margin:1.5rem}td,th{padding:.15rem .6rem;text-align:left;vertical-align:top}"
+            "td.n{text-align:right}</style></head><body><h1>Uploads</h1>"
+            "<form method='get'><label>name <input name='name' value='%s'></label> "
+            "<label>checksum <input name='sha256' value='%s'></label> "
+            "<label>metadata key=value <input name='meta' value='%s'></label> "
+            "<button>Find</button></form><table><tr><th>time (UTC)</th><th>file</th>"
+            "<th>bytes</th><th>sha256</th><th>names</th><th>metadata</th><th>expires</th></tr>"
+            "%s</table>%s<p><a href='/'>start page</a></p></body></html>\n" % (
+                text(query.name or ""), text(query.sha256 or ""), text(meta_text),
+                "\n".join(rows), more))
 
 
 def listing_html_tail(next_marker):
@@ -3605,6 +4211,7 @@ class Handler(BaseHTTPRequestHandler):
 
     ROUTES = {
         "GET": {"": "page", "upload": "upload_form", "checksum": "get_checksum",
+                "uploads": "get_uploads",
                 "files": "get_path", "explode": "get_path", "replica": "get_path",
                 "config": "get_config", "healthz": "get_health", "metrics": "get_metrics"},
         "POST": {"upload": "post_upload", "files": "post_files"},
@@ -3620,7 +4227,8 @@ class Handler(BaseHTTPRequestHandler):
         try:
             url = urllib.parse.urlsplit(self.path)
             self.url_path = url.path
-            self.query = dict(urllib.parse.parse_qsl(url.query, keep_blank_values=True))
+            self.query_pairs = urllib.parse.parse_qsl(url.query, keep_blank_values=True)
+            self.query = dict(self.query_pairs)
             top, _, self.rest = url.path.lstrip("/").partition("/")
             name = self.ROUTES.get(self.command, {}).get(top)
             if name is None:
@@ -3822,11 +4430,74 @@ class Handler(BaseHTTPRequestHandler):
                 size = os.stat(path).st_size
             except FileNotFoundError:
                 raise NotFound("no stored content has checksum %s" % sha256)  # just deleted
-            self.send(200, b"", "application/octet-stream",
-                      {"Content-Length": "0", "ETag": '"%s"' % sha256,
-                       "X-Blob-Size": str(size), "X-Checksum-Sha256": sha256})
+            headers = {"Content-Length": "0", "ETag": '"%s"' % sha256,
+                       "X-Blob-Size": str(size), "X-Checksum-Sha256": sha256}
+            expires = self.server.store.pins.until.get(sha256)
+            if expires:
+                headers["X-Bucket-Expires"] = http_date(expires)
+            self.send(200, b"", "application/octet-stream", headers)
             return
-        self.send_file(path, sha256, self.query.get("name") or sha256)
+        store = self.server.store
+        name = self.query.get("name") or store.blob_name(sha256) or sha256
+        self.send_file(path, sha256, name, store.pins.until.get(sha256))
+
+    # -- the uploads log -------------------------------------------------------
+
+    def route_get_uploads(self):
+        if self.rest.strip("/"):
+            raise NotFound("no such endpoint: %s" % self.url_path)
+        query = self.uploads_query()
+        records, cursor = self.server.uploads_log.query(query)
+        store, url = self.server.store, self.server.url
+        entries = [upload_entry(record, store, url) for record in records]
+        if self.wants_json():
+            self.send_json(200, {"uploads": entries, "count": len(entries), "next": cursor})
+        else:
+            self.send(200, uploads_html(entries, query, cursor).encode("utf-8"),
+                      "text/html; charset=utf-8")
+
+    def wants_json(self):
+        return (self.query.get("format") == "json"
+                or "application/json" in self.headers.get("accept", ""))
+
+    def uploads_query(self):
+        """The UploadQuery of ``GET /uploads?...``; BadRequest naming a bad
+        parameter."""
+        meta = {}
+        for key, value in self.query_pairs:
+            if key.startswith("meta."):
+                meta[key[5:].lower()] = value
+            elif key == "meta" and value.strip():  # the page's form: key=value ...
+                for pair in value.split():
+                    name, sep, wanted = pair.partition("=")
+                    if not sep:
+                        raise BadRequest("meta must be key=value, got %r" % pair[:60])
+                    meta[name.lower()] = wanted
+        limit_text = self.query.get("limit", str(UPLOADS_PAGE))
+        if not limit_text.isdigit() or not 1 <= int(limit_text) <= MAX_UPLOADS_PAGE:
+            raise BadRequest("limit must be 1 to %d" % MAX_UPLOADS_PAGE)
+        before = self.query.get("before") or None
+        if before and not re.match(r"^\d{16}-[0-9a-f]{1,16}$", before):
+            raise BadRequest("before must be the 'next' cursor of a previous page")
+        since, until = (parse_time(self.query[key], key) if self.query.get(key) else None
+                        for key in ("since", "until"))
+        return UploadQuery(self.query.get("name") or None, self.digest_filter(), meta,
+                           since, until, before, int(limit_text))
+
+    def digest_filter(self):
+        """?sha256= as the sha256 (or its 32-hex prefix) records carry; any
+        digest the server computes works; "-" (matches nothing) when the
+        index does not know it."""
+        text = self.query.get("sha256", "").strip().lower()
+        if not text:
+            return None
+        algorithm = LOOKUP_LENGTHS.get(len(text))
+        if algorithm is None or not _HEX.match(text):
+            raise BadRequest("sha256 must be a checksum: 32 (md5), 40 (sha1), 64 (sha256) "
+                             "or 128 (sha512) hex digits")
+        if algorithm == "sha256":
+            return text
+        return self.server.store.index.get(algorithm, text) or "-"
 
     def route_delete_checksum(self):
         sha256 = self.blob_for_digest()
@@ -3869,22 +4540,18 @@ class Handler(BaseHTTPRequestHandler):
     def exclusive(self):
         return self.headers.get("if-none-match", "").strip() == "*"
 
-    def retention(self, fields):
-        return upload_retention(self.headers, self.query, fields,
-                                self.server.config.retain_days)
-
     def receive_multipart(self, directory):
         """Read a multipart body into staged files: a Received.
 
         Each file part is named ``directory/<filename>`` (None: /upload).
         """
         boundary = multipart_boundary(self.headers.get("content-type"))
-        self.retention({})  # a bad header or query is refused before the body
+        self.upload_options({})  # bad headers or query refused before the body
         staged_files, fields = self.read_parts(self.open_body(), boundary)
         try:
             if not staged_files:
                 raise BadRequest("multipart body has no file part (a part with a filename)")
-            retain_until = self.retention(fields)
+            options = self.upload_options(fields)
         except BaseException:
             for staged in staged_files:
                 staged.discard()
@@ -3892,7 +4559,15 @@ class Handler(BaseHTTPRequestHandler):
         files = [Incoming(staged.filename, staged, None,
                           os.path.join(directory, staged.filename) if directory else None)
                  for staged in staged_files]
-        return Received(files, self.exclusive(), retain_until, self.headers)
+        return Received(files, self.exclusive(), *options)
+
+    def upload_options(self, fields):
+        """(retain_until, headers, meta, keep, client) of an upload, from
+        its headers, query and form ``fields``; BadRequest for a bad one."""
+        config = self.server.config
+        return (upload_retention(self.headers, self.query, fields, config.retain_days),
+                self.headers, parse_metadata(self.headers, fields),
+                upload_keep(self.headers, self.query, fields), self.client_address[0])
 
     def read_parts(self, body, boundary):
         """Stage the file parts of a multipart body as they stream in.
@@ -3944,12 +4619,11 @@ class Handler(BaseHTTPRequestHandler):
         """Read a raw PUT body into one staged file, verifying the digests
         the client stated: a Received (or the deploy of a stored blob)."""
         expected = stated_digests(self.headers)
-        retain_until = self.retention({})
+        options = self.upload_options({})
         if self.headers.get("x-checksum-deploy", "").lower() == "true":
             sha256 = self.deploy_source(expected)
             self.close_connection = self.close_connection or self.body_unread()
-            return Received([Incoming(name, None, sha256, dest)], self.exclusive(),
-                            retain_until, self.headers)
+            return Received([Incoming(name, None, sha256, dest)], self.exclusive(), *options)
         body = self.open_body()
         store = self.server.store
         staged = store.stage(name)
@@ -3966,8 +4640,7 @@ class Handler(BaseHTTPRequestHandler):
         except BaseException:
             staged.discard()
             raise
-        return Received([Incoming(name, staged, None, dest)], self.exclusive(), retain_until,
-                        self.headers)
+        return Received([Incoming(name, staged, None, dest)], self.exclusive(), *options)
 
     def deploy_source(self, expected):
         """X-Checksum-Deploy: the sha256 of the stored blob that has every
@@ -3990,7 +4663,8 @@ class Handler(BaseHTTPRequestHandler):
     def commit_upload(self, received):
         """Store what the request delivered (one transaction); answer JSON."""
         server = self.server
-        stored = UploadTransaction(server.store, server.config.replicate).commit(received)
+        stored = UploadTransaction(server.store, server.config.replicate,
+                                   server.uploads_log).commit(received)
         for item in stored:
             server.log_event("stored", name=item.filename, sha256=item.blob.sha256,
                              size=item.blob.size, stored="new" if item.blob.new else "existing")
@@ -4013,6 +4687,8 @@ class Handler(BaseHTTPRequestHandler):
         """
         top = self.url_path.lstrip("/").split("/", 1)[0]
         segments = split_url_path(self.rest, "path")
+        if any(segment.startswith(RESERVED_PREFIX) for segment in segments):
+            raise NotFound("%s not found" % "/".join([top] + segments))  # the store's own
         store = self.server.store
         if follow:
             path = contained(store.root, top, *segments)
@@ -4035,10 +4711,13 @@ class Handler(BaseHTTPRequestHandler):
                 self.send_listing(path, "/".join([top] + segments))
             return
         name = segments[-1] if segments else top
-        self.send_file(path, self.server.store.name_sha256(path), name)
+        store = self.server.store
+        self.send_file(path, store.name_sha256(path), name,
+                       store.expiries.get("/".join([top] + segments)))
 
-    def send_file(self, path, sha256, name):
-        """A file with ETag, Last-Modified, conditional requests and Range."""
+    def send_file(self, path, sha256, name, expires=None):
+        """A file with ETag, Last-Modified, conditional requests and Range;
+        ``expires`` (epoch) is sent as X-Bucket-Expires."""
         try:
             handle = retry_stale(open, path, "rb")
         except OSError:
@@ -4052,6 +4731,8 @@ class Handler(BaseHTTPRequestHandler):
                        "Content-Disposition": content_disposition(name),
                        "X-Content-Type-Options": "nosniff",
                        "Content-Security-Policy": "sandbox"}
+            if expires:
+                headers["X-Bucket-Expires"] = http_date(expires)
             if self.not_modified(etag, st.st_mtime):
                 self.wfile.write(self.send_head_lines(304, {
                     key: headers[key] for key in ("ETag", "Last-Modified")}))
@@ -4112,7 +4793,8 @@ class Handler(BaseHTTPRequestHandler):
         """A directory as JSON or HTML, sorted, streamed (or paged)."""
         store = self.server.store
         names = sorted(entry.name for entry in os.scandir(path)
-                       if not entry.name.startswith(".~"))
+                       if not entry.name.startswith(RESERVED_PREFIX))
+        made = store.made_times(path)
         after = self.query.get("after")
         if after:
             names = names[bisect.bisect_right(names, after):]
@@ -4139,14 +4821,15 @@ class Handler(BaseHTTPRequestHandler):
         if wants_json:
             writer.write(('{"path": %s, "entries": [' % json.dumps(relpath + "/")).encode())
             for number, name in enumerate(names):
-                entry = listing_entry(store, path, name)
+                entry = listing_entry(store, path, name, made)
                 writer.write(((",\n" if number else "\n") + json.dumps(entry)).encode("utf-8"))
             writer.write(('\n], "count": %d, "next": %s}\n'
                           % (len(names), json.dumps(next_marker))).encode())
         else:
             writer.write(listing_html_head(relpath).encode("utf-8"))
             for name in names:
-                writer.write(listing_html_row(listing_entry(store, path, name)).encode("utf-8"))
+                writer.write(listing_html_row(listing_entry(store, path, name, made))
+                             .encode("utf-8"))
             writer.write(listing_html_tail(next_marker).encode("utf-8"))
         writer.close()
         self.response_bytes += writer.sent
@@ -4263,6 +4946,8 @@ class BucketServer(ThreadingHTTPServer):
         self.requests_in_flight = 0
         self.active_lock = threading.Lock()
         self.counters = collections.Counter()
+        self.uploads_log = UploadsLog(os.path.join(store.root, "uploads"), store.process_id,
+                                      store.tag)
         self.reaper = Reaper(config.timeout)
         self.reaper.start()
         host = config.bind or ("::" if socket.has_ipv6 and _dual_stack() else "0.0.0.0")

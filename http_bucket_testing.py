@@ -155,13 +155,18 @@ def b64(raw):
 class Headers(dict):
     """Response header fields under lower-case names; lookups ignore case.
 
-    A repeated field keeps its last value.
+    A repeated field keeps its last value; ``get_all`` gives every value
+    of a field in order (WWW-Authenticate is sent as several lines).
     """
 
     def __init__(self, fields=()):
         if hasattr(fields, "items"):
             fields = fields.items()
-        super().__init__((name.lower(), value) for name, value in fields)
+        self.fields = [(name.lower(), value) for name, value in fields]
+        super().__init__(self.fields)
+
+    def get_all(self, name):
+        return [value for field, value in self.fields if field == name.lower()]
 
     def __getitem__(self, name):
         return super().__getitem__(name.lower())

@@ -144,6 +144,13 @@ class HardeningCase(unittest.TestCase):
         self.addCleanup(server.stop)
         return server
 
+    def assertChallenges(self, response):
+        """A 401's challenges: one per line, Bearer then Basic (browsers
+        ignore a Basic challenge that follows Bearer on the same line)."""
+        challenges = response.headers.get_all("WWW-Authenticate")
+        self.assertEqual([value.split()[0] for value in challenges], ["Bearer", "Basic"])
+        self.assertTrue(all('realm="http_bucket"' in value for value in challenges), challenges)
+
     def assertRefusal(self, response, status, fragment):
         """Status and JSON error {"code", "status": "error", "error"} of a refusal."""
         self.assertEqual(response.status, status, response.body[:400])
@@ -206,12 +213,7 @@ class WriteTokenTests(HardeningCase):
 
     def assertUnauthorized(self, response, what="write"):
         self.assertRefusal(response, 401, "a valid token is needed to " + what)
-        # One challenge per line: browsers ignore a Basic challenge that
-        # follows Bearer on the same line.
-        challenges = response.headers.get_all("WWW-Authenticate")
-        self.assertEqual(len(challenges), 2, challenges)
-        self.assertTrue(challenges[0].startswith("Bearer realm="), challenges)
-        self.assertTrue(challenges[1].startswith("Basic realm="), challenges)
+        self.assertChallenges(response)
 
     def test_writes_without_a_valid_token_are_refused(self):
         content = os.urandom(1000)
@@ -330,7 +332,7 @@ class ReadTokenTests(HardeningCase):
             with self.subTest(headers=headers):
                 response = self.server.request("PUT", "/upload/file-token.bin", content, headers)
                 self.assertRefusal(response, 401, "a valid token is needed to write")
-                self.assertIn("Bearer", response.headers.get("WWW-Authenticate", ""))
+                self.assertChallenges(response)
 
     def test_reads_need_the_read_or_write_token(self):
         content = os.urandom(600)
@@ -343,13 +345,13 @@ class ReadTokenTests(HardeningCase):
                 for headers in ({}, bearer("wrong"), basic("wrong")):
                     response = self.server.request(method, path, headers=headers)
                     self.assertRefusal(response, 401, "a valid token is needed to read")
-                    self.assertIn("Bearer", response.headers.get("WWW-Authenticate", ""))
+                    self.assertChallenges(response)
                 for headers in (bearer(self.READ), basic(self.READ), bearer(self.WRITE)):
                     self.assertEqual(self.server.request(method, path, headers=headers).status,
                                      200, headers)
         response = self.server.request("HEAD", "/checksum/" + md5)
         self.assertEqual(response.status, 401)
-        self.assertIn("Bearer", response.headers.get("WWW-Authenticate", ""))
+        self.assertChallenges(response)
         self.assertEqual(self.server.request("HEAD", "/checksum/" + md5,
                                              headers=bearer(self.READ)).status, 200)
         self.assertEqual(self.server.request("GET", "/checksum/" + md5,

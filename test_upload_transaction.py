@@ -59,6 +59,8 @@ def journal_lines(directory):
     lines = []
     index = os.path.join(directory, "index")
     for name in sorted(os.listdir(index)):
+        if not name.endswith(".log"):
+            continue
         with open(os.path.join(index, name), encoding="utf-8") as handle:
             lines += handle.read().splitlines()
     return lines
@@ -280,6 +282,9 @@ class TransactionFaultTest(unittest.TestCase):
             directory=self.directory, fsync=False,
             replicate=[http_bucket.ReplicaTemplate("REPLICATE_0", "user/${Username}")])
         self.store = self.open_store()
+        self.uploads_log = http_bucket.UploadsLog(os.path.join(self.directory, "uploads"),
+                                                  self.store.process_id, self.store.tag)
+        self.addCleanup(self.uploads_log.close)
 
     def open_store(self):
         store = http_bucket.Store(self.config)
@@ -311,10 +316,11 @@ class TransactionFaultTest(unittest.TestCase):
             dest = os.path.join(self.directory, "files", dest_dir, name) if dest_dir else None
             items.append(http_bucket.Incoming(name, staged, None, dest))
         headers = http_bucket.Headers({"username": "bob"})
-        return http_bucket.Received(items, False, retain_until, headers)
+        return http_bucket.Received(items, False, retain_until, headers, {"job": "7"}, False,
+                                    "127.0.0.1")
 
     def commit(self, received):
-        return http_bucket.UploadTransaction(self.store, self.config.replicate).commit(received)
+        return http_bucket.UploadTransaction(self.store, self.config.replicate, self.uploads_log).commit(received)
 
     def assertNothingLeft(self, before, failed_contents):
         after = StoreSnapshot(self.directory)
