@@ -4,7 +4,7 @@
 PYTHON ?= python3
 ARGS ?=
 
-.PHONY: run test bench bench-quick lint docker check-isolated ci
+.PHONY: run test bench bench-quick bench-peers lint docker check-isolated ci
 
 run:
 	$(PYTHON) http_bucket.py $(ARGS)
@@ -18,6 +18,11 @@ bench:
 
 bench-quick:
 	$(PYTHON) bench_http_bucket.py --quick
+
+# http_bucket against copyparty alone; copyparty is pip-installed on first use
+# into a bench-only venv (~/.cache/http_bucket-bench), or skipped, and said so.
+bench-peers:
+	$(PYTHON) bench_http_bucket.py --only peers
 
 # Optional tool: ruff if installed, else pyflakes, else a note (exit 0).
 lint:

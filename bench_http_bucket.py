@@ -2,9 +2,10 @@
 """Benchmark of http_bucket.py (issue 6): the machine's ceilings and the server's figures.
 
     python3 bench_http_bucket.py              # full run, medians of 3 runs (~5-10 min)
-    python3 bench_http_bucket.py --quick      # smoke run, small sizes, 1 run (< 2 min)
+    python3 bench_http_bucket.py --quick      # smoke run, small sizes, 1 run (< 3 min)
     python3 bench_http_bucket.py --only upload,head --runs 5 --json out.json
     python3 bench_http_bucket.py --with-1m    # adds the 1,000,000-blob startup case
+    python3 bench_http_bucket.py --only peers # http_bucket against copyparty alone (~5 min)
 
 Every measurement starts ``http_bucket.py`` as a subprocess on a free port of
 127.0.0.1 over a fresh directory under the system's temporary directory, and
@@ -25,20 +26,33 @@ stops it by its PID.  Sections (``--only`` takes their names or letters):
               (members/s, MB/s); peak RSS while gzip and zip bombs of 1 GiB
               of zeros are stopped by the ratio limit
   l listing   a directory of 100,000 names listed as JSON: seconds, peak RSS
+  p peers     copyparty (pinned, installed by pip into a bench-only venv under
+              ~/.cache/http_bucket-bench on first use; "copyparty: skipped
+              (why)" when that fails) beside http_bucket, interleaved round by
+              round (A B A B, at least 2 rounds, fresh servers): 16 KiB
+              distinct PUT and multipart uploads over 8 keep-alive
+              connections with server CPU per upload; 512 MiB PUT and
+              multipart by curl, the 3-digest ceiling in the same rounds, and
+              the download right after; HEAD /checksum against copyparty's
+              GET of a small file; the same with --workers auto where
+              http_bucket has that flag.  Printed as a second table: each
+              goal of the issue as a ratio, met or MISSED
   f startup   10,000 and 100,000 stored blobs (1,000,000 with --with-1m)
   g           peak RSS (VmHWM) is taken in b, c and the scaling section
 
 Sections run in that order; stores of many files are deleted only at the end
 (see SECTIONS).  Large transfers start after os.sync().
-Tools: curl for b and e; wrk (with generated Lua scripts) for c, d and the
-scaling rows when it is installed, else a Python load generator
-(multiprocessing, raw sockets, keep-alive) whose own ceiling against
-GET /healthz is reported.  MB means 10**6 bytes, MiB 2**20.
+Tools: curl for b, e and p's large files; wrk (with generated Lua scripts)
+for c, d, p and the scaling rows when it is installed (apt-get install wrk),
+else a Python load generator (multiprocessing, raw sockets, keep-alive) whose
+own ceiling against GET /healthz is reported.  Either way the generator's own
+CPU time per request is printed beside the server's, so a reader sees whether
+it could be the bottleneck.  MB means 10**6 bytes, MiB 2**20.
 
 The table printed at the end has one row per figure: the median of the runs,
 the goal of issue 6, the ratio to the goal (or to the ceiling it is measured
 against) and pass/FAIL.  The JSON file holds every run's values too.
-Standard library only; Python 3.9+.
+Standard library only (copyparty runs from its own venv); Python 3.9+.
 """
 
 import argparse
@@ -71,10 +85,10 @@ MB = 1000 * 1000
 # inodes deleted in the last minutes (recently_deleted in the kernel's
 # profile), so every store of many files is deleted only at the very end.
 SECTIONS = ("ceilings", "upload", "small", "head", "download", "scaling", "archives",
-            "listing", "startup")
+            "listing", "peers", "startup")
 LETTERS = {"a": ("ceilings",), "b": ("upload",), "c": ("small",), "d": ("head",),
            "e": ("download",), "f": ("startup",), "g": ("upload", "small"),
-           "s": ("scaling",), "x": ("archives",), "l": ("listing",)}
+           "s": ("scaling",), "x": ("archives",), "l": ("listing",), "p": ("peers",)}
 
 # Sizes of a full run and of a --quick smoke run.
 FULL = dict(hash_bytes=512 * MiB, disk_bytes=1 * GiB, loopback_bytes=1 * GiB,
@@ -82,13 +96,13 @@ FULL = dict(hash_bytes=512 * MiB, disk_bytes=1 * GiB, loopback_bytes=1 * GiB,
             head_seconds=5, startup_counts=(10000, 100000),
             scaling_uploads=256, scaling_size=1 * MiB,
             zip_members=10000, tgz_bytes=1 * GiB, bomb_bytes=1 * GiB,
-            listing_entries=100000)
+            listing_entries=100000, peer_small_count=2000, peer_big_bytes=512 * MiB)
 QUICK = dict(hash_bytes=64 * MiB, disk_bytes=128 * MiB, loopback_bytes=256 * MiB,
              big_bytes=128 * MiB, small_count=400, small_size=16 * 1024,
              head_seconds=2, startup_counts=(10000,),
              scaling_uploads=64, scaling_size=1 * MiB,
              zip_members=1000, tgz_bytes=64 * MiB, bomb_bytes=256 * MiB,
-             listing_entries=10000)
+             listing_entries=10000, peer_small_count=800, peer_big_bytes=128 * MiB)
 
 SERVER_START_TIMEOUT = 30.0   # seconds until /healthz answers
 CURL_TIMEOUT = 300            # seconds for one 1 GiB transfer
@@ -219,14 +233,41 @@ def free_port():
         return probe.getsockname()[1]
 
 
-def cpu_seconds(pid):
-    """User + system CPU seconds the process has used so far (0 if gone)."""
+def _stat_fields(pid):
+    """/proc/<pid>/stat after the command name: [state, ppid, ...] (None if gone)."""
     try:
         with open("/proc/%d/stat" % pid) as handle:
-            fields = handle.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return 0.0
+            return handle.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def cpu_seconds(pid):
+    """User + system CPU seconds of ``pid``, of its children it has reaped, and
+    of its live descendants (a server's worker processes): 0 if gone."""
+    children = collections.defaultdict(list)
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = _stat_fields(int(entry))
+            if fields:
+                children[int(fields[1])].append(int(entry))
+    ticks, pending = 0, [pid]
+    while pending:
+        member = pending.pop()
+        fields = _stat_fields(member)
+        if fields:  # utime, stime, cutime, cstime (proc(5) fields 14-17)
+            ticks += sum(int(field) for field in fields[11:15])
+        pending.extend(children.get(member, ()))
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def client_cpu_seconds():
+    """CPU seconds of this process's children that it has reaped: the load
+    generator's cost is the difference across one run (wrk, or the Python
+    generator's processes; servers are reaped only when stopped)."""
+    import resource
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def proc_status(pid):
@@ -246,18 +287,24 @@ def proc_status(pid):
 class Server:
     """One http_bucket.py subprocess; ``stop`` ends it by PID (TERM, then KILL)."""
 
+    name = "http_bucket"
+
     def __init__(self, script, directory, extra_args=(), workdir=None):
-        self.script = script
+        self._launch(directory, workdir,
+                     [sys.executable, script, "{port}", "-b", "127.0.0.1", "-d", directory]
+                     + list(extra_args))
+
+    def _launch(self, directory, workdir, command, env=None):
+        """Start ``command`` ("{port}" in it becomes a free port), output to a log."""
         self.directory = directory
         self.port = free_port()
         self.url = "http://127.0.0.1:%d" % self.port
         self.log_path = os.path.join(workdir or directory, "server-%d.log" % self.port)
         self.log_file = open(self.log_path, "wb")
-        command = [sys.executable, script, str(self.port), "-b", "127.0.0.1",
-                   "-d", directory] + list(extra_args)
+        self.command = [part.replace("{port}", str(self.port)) for part in command]
         self.started = time.monotonic()
-        self.process = subprocess.Popen(command, stdout=self.log_file, stderr=self.log_file,
-                                        stdin=subprocess.DEVNULL)
+        self.process = subprocess.Popen(self.command, stdout=self.log_file,
+                                        stderr=self.log_file, stdin=subprocess.DEVNULL, env=env)
         self.pid = self.process.pid
         self.peak_sampled_kb = 0
         self._sampler = None
@@ -308,6 +355,18 @@ class Server:
     def cpu(self):
         return cpu_seconds(self.pid)
 
+    def wait_idle(self, quiet=0.2, timeout=5.0):
+        """Wait (at most ``timeout`` s) until the server used no CPU for ``quiet``
+        seconds, so its startup work is not charged to the first measurement."""
+        deadline = time.monotonic() + timeout
+        before = self.cpu()
+        while time.monotonic() < deadline:
+            time.sleep(quiet)
+            now = self.cpu()
+            if now - before < 0.01:
+                return
+            before = now
+
     def start_sampling(self):
         """Sample VmRSS every 50 ms (a cross-check of VmHWM)."""
         self._sampling.set()
@@ -348,6 +407,36 @@ class Server:
         self.log_file.close()
 
 
+class CopypartyServer(Server):
+    """copyparty as the peer (section p): its defaults, one volume that everyone
+    may read and write, no accounts; its config (salts, sessions db) under the
+    bench's work directory instead of ~/.config."""
+
+    name = "copyparty"
+
+    def __init__(self, python, directory, workdir):
+        # -v DIR::rw: read and write for everybody (no move or delete right,
+        # so a PUT to a taken name is stored under a new name, not over it).
+        # --wram only allows uploads into a volume on a RAM disk (a tmpfs
+        # /tmp): a no-op on disk, needed where the temporary directory is one.
+        env = dict(os.environ, XDG_CONFIG_HOME=os.path.join(workdir, "copyparty-config"))
+        self._launch(directory, workdir,
+                     [python, "-m", "copyparty", "-i", "127.0.0.1", "-p", "{port}",
+                      "-v", directory + "::rw", "--wram"], env)
+
+    def healthz(self, timeout=2.0):
+        """{} once GET / answers 200 (copyparty has no health route), else None."""
+        try:
+            status, _ = http_request(self, "GET", "/", timeout=timeout)
+        except (OSError, http.client.HTTPException):
+            return None
+        return {} if status == 200 else None
+
+    def wait_ready(self, timeout=SERVER_START_TIMEOUT, poll=0.01):
+        self.wait_listening(timeout, poll)
+        return time.monotonic() - self.started
+
+
 class Servers:
     """Every server started, so the end of the run (or Ctrl-C) stops them all."""
 
@@ -369,6 +458,12 @@ class Servers:
         self.live.append(server)
         if wait:
             server.wait_ready()
+        return server
+
+    def start_copyparty(self, python, label="copyparty"):
+        server = CopypartyServer(python, self.fresh_dir(label), self.workdir)
+        self.live.append(server)
+        server.wait_ready()
         return server
 
     def stop(self, server, remove_dir=True):
@@ -556,25 +651,30 @@ def size_label(count):
     return "%g GiB" % (count / GiB) if count >= GiB else "%g MiB" % (count / MiB)
 
 
-def make_big_file(ctx):
-    """The large upload's content (random after a text line), made once."""
-    if ctx.big_file:
-        return ctx.big_file
-    path = os.path.join(ctx.workdir, "big.bin")
-    digest = hashlib.sha256()
-    log("writing a %d MiB test file" % (ctx.sizes["big_bytes"] // MiB))
+def write_test_file(path, size, algorithms=("sha256",)):
+    """Write ``size`` bytes (a text line, then random) to ``path`` and fsync it;
+    returns {algorithm: hex digest}."""
+    digests = [hashlib.new(name) for name in algorithms]
+    log("writing a %d MiB test file" % (size // MiB))
     with open(path, "wb") as handle:
         head = b"http_bucket benchmark content, not an archive\n"
-        first = head + os.urandom(MiB - len(head))
-        digest.update(first)
-        handle.write(first)
-        for _ in range(ctx.sizes["big_bytes"] // MiB - 1):
-            data = os.urandom(MiB)
-            digest.update(data)
+        for number in range(size // MiB):
+            data = os.urandom(MiB) if number else head + os.urandom(MiB - len(head))
+            for digest in digests:
+                digest.update(data)
             handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())  # its writeback must not land in the first upload
-    ctx.big_file, ctx.big_sha256 = path, digest.hexdigest()
+    return {name: digest.hexdigest() for name, digest in zip(algorithms, digests)}
+
+
+def make_big_file(ctx):
+    """The large upload's content, made once."""
+    if ctx.big_file:
+        return ctx.big_file
+    path = os.path.join(ctx.workdir, "big.bin")
+    ctx.big_sha256 = write_test_file(path, ctx.sizes["big_bytes"])["sha256"]
+    ctx.big_file = path
     return path
 
 
@@ -839,6 +939,21 @@ def bench_listing(ctx):
 
 MULTIPART_BOUNDARY = "bench-boundary-3f9a1c"
 
+# Where each server takes an upload: PUT to put_prefix + name; a multipart
+# POST to post_path with the file in field ``field``.  copyparty's (checked on
+# 1.20.26, see section p): PUT /<name>; its basic uploader, POST /?act=bput
+# with field "f" ("&j" asks for a JSON answer, as http_bucket gives one).
+BUCKET_ROUTES = {"put_prefix": "/upload/", "post_path": "/upload", "field": "file"}
+COPYPARTY_ROUTES = {"put_prefix": "/", "post_path": "/?act=bput&j", "field": "f"}
+
+# One load generator run: requests answered per second, failures, requests
+# answered, and the generator's own CPU seconds (all its processes/threads).
+Load = collections.namedtuple("Load", "rate failed errors requests client_cpu")
+
+
+def client_us_per_request(load):
+    return load.client_cpu / load.requests * 1e6 if load.requests else None
+
 # Uploads, each with a distinct body, until this thread's quota is answered;
 # then the thread stops itself and says so on stdout (wrk's own rate counts
 # its whole -d duration, so the bench times the quota from outside).
@@ -852,6 +967,7 @@ function setup(thread)
 end
 
 local nonce, mode, size, quota = "", "put", 0, 0
+local put_prefix, post_path, field = "/upload/", "/upload", "file"
 local sent, made, answered, failed = 0, 0, 0, 0
 local pad = ""
 local boundary = "%(boundary)s"
@@ -859,6 +975,7 @@ local boundary = "%(boundary)s"
 function init(args)
   nonce, mode, size = args[1], args[2], tonumber(args[3])
   local total, threads = tonumber(args[4]), tonumber(args[5])
+  put_prefix, post_path, field = args[6], args[7], args[8]
   quota = math.floor(total / threads)
   if tid < total %% threads then quota = quota + 1 end
   pad = string.rep("x", size)
@@ -878,13 +995,13 @@ function request()
   local content = tag .. string.sub(pad, #tag + 1)
   local name = string.format("b%%d-%%d.bin", tid, made)
   if mode == "put" then
-    return wrk.format("PUT", "/upload/" .. name, nil, content)
+    return wrk.format("PUT", put_prefix .. name, nil, content)
   end
   local body = "--" .. boundary .. "\r\n" ..
-    "Content-Disposition: form-data; name=\"file\"; filename=\"" .. name .. "\"\r\n" ..
+    "Content-Disposition: form-data; name=\"" .. field .. "\"; filename=\"" .. name .. "\"\r\n" ..
     "Content-Type: application/octet-stream\r\n\r\n" .. content ..
     "\r\n--" .. boundary .. "--\r\n"
-  return wrk.format("POST", "/upload",
+  return wrk.format("POST", post_path,
     {["Content-Type"] = "multipart/form-data; boundary=" .. boundary}, body)
 end
 
@@ -904,7 +1021,7 @@ def have_wrk():
     return shutil.which("wrk") is not None
 
 
-def wrk_uploads(ctx, server, mode, total, size, connections, threads):
+def wrk_uploads(ctx, server, mode, total, size, connections, threads, routes):
     """Time ``total`` distinct uploads by wrk: (uploads/s, failed count)."""
     script = os.path.join(ctx.workdir, "upload.lua")
     with open(script, "w") as handle:
@@ -912,7 +1029,8 @@ def wrk_uploads(ctx, server, mode, total, size, connections, threads):
     nonce = "bench-%s-%d" % (os.urandom(6).hex(), ctx.next_nonce())
     command = ["wrk", "-t%d" % threads, "-c%d" % connections, "-d%ds" % LOAD_TIMEOUT,
                "--timeout", "60s", "-s", script, server.url + "/",
-               "--", nonce, mode, str(size), str(total), str(threads)]
+               "--", nonce, mode, str(size), str(total), str(threads),
+               routes["put_prefix"], routes["post_path"], routes["field"]]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                stdin=subprocess.DEVNULL)
     events, other_output = [], []
@@ -958,7 +1076,7 @@ WRK_METHOD_LUA = 'wrk.method = "%s"\n'
 
 
 def wrk_duration(ctx, server, method, path, connections, threads, seconds):
-    """wrk for ``seconds``: (requests/s, non-2xx count, socket errors text)."""
+    """wrk for ``seconds``: (requests/s, non-2xx count, socket errors text, requests)."""
     script = os.path.join(ctx.workdir, "method-%s.lua" % method.lower())
     with open(script, "w") as handle:
         handle.write(WRK_METHOD_LUA % method)
@@ -972,11 +1090,12 @@ def wrk_duration(ctx, server, method, path, connections, threads, seconds):
         raise RuntimeError("no rate in wrk output: %s" % output[-500:])
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
     errors = re.search(r"Socket errors:([^\n]*)", output)
+    requests = re.search(r"(\d+) requests in", output)
     return (float(rate.group(1)), int(non2xx.group(1)) if non2xx else 0,
-            errors.group(1).strip() if errors else "")
+            errors.group(1).strip() if errors else "", int(requests.group(1)) if requests else 0)
 
 
-# -- the Python load generator (used when wrk is not installed) -------------
+# -- the Python load generator (without wrk, and where wrk cannot time) ------
 
 
 def build_request(spec, connection_id, number):
@@ -986,15 +1105,18 @@ def build_request(spec, connection_id, number):
         tag = ("%s conn %d upload %d\n" % (spec["nonce"], connection_id, number)).encode()
         content = tag + b"x" * (spec["size"] - len(tag))
         name = "b%d-%d.bin" % (connection_id, number)
+        routes = spec["routes"]
         if kind == "put":
-            head = "PUT /upload/%s HTTP/1.1\r\nHost: bench\r\nContent-Length: %d\r\n\r\n" % (
-                name, len(content))
+            head = "PUT %s%s HTTP/1.1\r\nHost: bench\r\nContent-Length: %d\r\n\r\n" % (
+                routes["put_prefix"], name, len(content))
             return head.encode() + content
-        body = (("--%s\r\nContent-Disposition: form-data; name=\"file\"; filename=\"%s\"\r\n"
-                 "Content-Type: application/octet-stream\r\n\r\n" % (MULTIPART_BOUNDARY, name))
+        body = (("--%s\r\nContent-Disposition: form-data; name=\"%s\"; filename=\"%s\"\r\n"
+                 "Content-Type: application/octet-stream\r\n\r\n"
+                 % (MULTIPART_BOUNDARY, routes["field"], name))
                 .encode() + content + ("\r\n--%s--\r\n" % MULTIPART_BOUNDARY).encode())
-        head = ("POST /upload HTTP/1.1\r\nHost: bench\r\nContent-Type: multipart/form-data; "
-                "boundary=%s\r\nContent-Length: %d\r\n\r\n" % (MULTIPART_BOUNDARY, len(body)))
+        head = ("POST %s HTTP/1.1\r\nHost: bench\r\nContent-Type: multipart/form-data; "
+                "boundary=%s\r\nContent-Length: %d\r\n\r\n"
+                % (routes["post_path"], MULTIPART_BOUNDARY, len(body)))
         return head.encode() + body
     return ("%s %s HTTP/1.1\r\nHost: bench\r\n\r\n" % (kind, spec["path"])).encode()
 
@@ -1067,7 +1189,7 @@ def _py_process(port, spec, connection_ids, quotas, ready_queue, start_event, re
 
 
 def py_load(port, spec, connections, total=None, seconds=None):
-    """Run the Python generator: (requests/s, failed count).
+    """Run the Python generator: (requests/s, failed count, requests answered).
 
     ``spec``: {"kind": "put"|"multipart"|"GET"|"HEAD", "path", "size", "nonce",
     "expect": a non-2xx status that is not an error}.  Either ``total``
@@ -1101,28 +1223,37 @@ def py_load(port, spec, connections, total=None, seconds=None):
     done = sum(outcome[0] for outcome in outcomes)
     failed = sum(outcome[1] for outcome in outcomes)
     ended = max(outcome[2] for outcome in outcomes)
-    return done / (ended - started), failed
+    return done / (ended - started), failed, done
 
 
-def load_uploads(ctx, server, mode, total, size, connections):
-    """uploads/s of ``total`` distinct uploads: (rate, failed)."""
+def load_uploads(ctx, server, mode, total, size, connections, routes=BUCKET_ROUTES):
+    """``total`` distinct uploads (``mode`` "put" or "multipart"): a Load."""
+    client_before = client_cpu_seconds()
     if ctx.client == "wrk":
-        return wrk_uploads(ctx, server, mode, total, size, connections,
-                           threads=min(2, connections))
-    spec = {"kind": mode, "size": size, "nonce": "bench-%s-%d" % (os.urandom(6).hex(),
-                                                                   ctx.next_nonce())}
-    return py_load(server.port, spec, connections, total=total)
+        rate, failed = wrk_uploads(ctx, server, mode, total, size, connections,
+                                   min(2, connections), routes)
+        done = total
+    else:
+        spec = {"kind": mode, "size": size, "routes": routes,
+                "nonce": "bench-%s-%d" % (os.urandom(6).hex(), ctx.next_nonce())}
+        rate, failed, done = py_load(server.port, spec, connections, total=total)
+    return Load(rate, failed, "", done, client_cpu_seconds() - client_before)
 
 
-def load_requests(ctx, server, method, path, connections, seconds, expect=None):
-    """requests/s of ``method path`` for ``seconds``: (rate, unexpected count)."""
-    if ctx.client == "wrk":
-        rate, non2xx, errors = wrk_duration(ctx, server, method, path, connections,
-                                            min(2, connections), seconds)
-        return rate, (0 if expect else non2xx), errors
-    rate, failed = py_load(server.port, {"kind": method, "path": path, "expect": expect},
-                           connections, seconds=seconds)
-    return rate, failed, ""
+def load_requests(ctx, server, method, path, connections, seconds, expect=None, client=None):
+    """``method path`` for ``seconds`` by ``client`` (default: the run's): a Load
+    (failed counts unexpected statuses)."""
+    client_before = client_cpu_seconds()
+    if (client or ctx.client) == "wrk":
+        rate, non2xx, errors, done = wrk_duration(ctx, server, method, path, connections,
+                                                  min(2, connections), seconds)
+        failed = 0 if expect else non2xx
+    else:
+        rate, failed, done = py_load(server.port, {"kind": method, "path": path,
+                                                   "expect": expect}, connections,
+                                     seconds=seconds)
+        errors = ""
+    return Load(rate, failed, errors, done, client_cpu_seconds() - client_before)
 
 
 # ===========================================================================
@@ -1152,27 +1283,34 @@ def bench_small(ctx):
             server = ctx.servers.start(label=key)
             try:
                 cpu_before = server.cpu()
-                rate, failed = load_uploads(ctx, server, mode, count, size, 8)
+                load = load_uploads(ctx, server, mode, count, size, 8)
                 cpu_us = (server.cpu() - cpu_before) / count * 1e6
                 health = server.healthz()
                 hwm_kb = server.status().get("VmHWM", 0)
             finally:
                 ctx.servers.stop(server, remove_dir=False)  # many files: removed at the end
+            rate, failed = load.rate, load.failed
             figures.add(key, rate, failed=failed, blobs_after=health and health.get("blobs"),
-                        server_cpu_us_per_upload=cpu_us)
+                        server_cpu_us_per_upload=cpu_us,
+                        client_cpu_us_per_upload=client_us_per_request(load))
             figures.add("rss_" + key, hwm_kb / 1024.0)
             if failed:
                 figures.note(key, "%d uploads failed" % failed)
             if health and health.get("blobs") is not None and health["blobs"] < count:
                 figures.note(key, "only %d blobs stored" % health["blobs"])
             log("run %d %s: %.0f uploads/s (%d failed, %s blobs), server CPU %.0f us/upload, "
-                "peak RSS %.1f MiB" % (run + 1, key, rate, failed, health and health.get("blobs"),
-                                       cpu_us, hwm_kb / 1024.0))
+                "load generator CPU %.0f us/upload, peak RSS %.1f MiB"
+                % (run + 1, key, rate, failed, health and health.get("blobs"), cpu_us,
+                   client_us_per_request(load) or 0, hwm_kb / 1024.0))
     ceiling = figures.median("ceiling_small_files")
     for mode in ("put", "multipart"):
-        cpu = _median_or_none(figures.rows["small_" + mode]["extra"]["server_cpu_us_per_upload"])
+        extra = figures.rows["small_" + mode]["extra"]
+        cpu = _median_or_none(extra["server_cpu_us_per_upload"])
         if cpu is not None:
             figures.note("small_" + mode, "server CPU %.0f us/upload" % cpu)
+        cpu = _median_or_none(extra["client_cpu_us_per_upload"])
+        if cpu is not None:
+            figures.note("small_" + mode, "load generator CPU %.0f us/upload" % cpu)
         if ceiling and figures.median("small_" + mode):
             figures.note("small_" + mode, "%.2f × small-file ceiling"
                          % (figures.median("small_" + mode) / ceiling))
@@ -1193,7 +1331,8 @@ def bench_scaling(ctx):
             server = ctx.servers.start(label=key)
             try:
                 cpu_before = server.cpu()
-                rate, failed = load_uploads(ctx, server, "put", max(total, level), size, level)
+                load = load_uploads(ctx, server, "put", max(total, level), size, level)
+                rate, failed = load.rate, load.failed
                 cpu_ms = (server.cpu() - cpu_before) / max(total, level) * 1e3
                 hwm_kb = server.status().get("VmHWM", 0)
             finally:
@@ -1246,20 +1385,619 @@ def bench_head(ctx):
         for run in range(ctx.runs):
             for key, figure, method, path, expect, goal in cases:
                 cpu_before = server.cpu()
-                rate, unexpected, errors = load_requests(ctx, server, method, path, 16, seconds,
-                                                         expect)
-                cpu_us = (server.cpu() - cpu_before) / max(1.0, rate * seconds) * 1e6
-                figures.add(key, rate, unexpected=unexpected, server_cpu_us_per_request=cpu_us)
+                load = load_requests(ctx, server, method, path, 16, seconds, expect)
+                rate, unexpected = load.rate, load.failed
+                cpu_us = (server.cpu() - cpu_before) / max(1, load.requests) * 1e6
+                figures.add(key, rate, unexpected=unexpected, server_cpu_us_per_request=cpu_us,
+                            client_cpu_us_per_request=client_us_per_request(load))
                 if unexpected:
                     figures.note(key, "%d unexpected statuses" % unexpected)
                 log("run %d %s: %.0f req/s%s" % (run + 1, key, rate,
                                                  " (%d unexpected)" % unexpected if unexpected else ""))
         for key, *_ in cases:
-            cpu = _median_or_none(figures.rows[key]["extra"]["server_cpu_us_per_request"])
+            extra = figures.rows[key]["extra"]
+            cpu = _median_or_none(extra["server_cpu_us_per_request"])
             if cpu is not None:
                 figures.note(key, "server CPU %.0f us/request" % cpu)
+            cpu = _median_or_none(extra["client_cpu_us_per_request"])
+            if cpu is not None:
+                figures.note(key, "load generator CPU %.0f us/request" % cpu)
     finally:
         ctx.servers.stop(server)
+
+
+# ===========================================================================
+# p. Peers: copyparty beside http_bucket, interleaved round by round
+# ===========================================================================
+
+# What was checked by hand on this version (and is rechecked by a trial
+# upload before each run): ``-v DIR::rw`` lets anyone read and write without
+# an account; PUT /<name> answers 201 with the size and a sha512 prefix, and
+# stores under a new name when <name> is taken (no delete right, no
+# overwrite); POST /?act=bput with the file in field "f" is its basic
+# uploader; both hash with sha512 alone (--put-ck, --bup-ck) and never fsync;
+# GET and HEAD /<name> serve the file.  Pinned so that runs of different days
+# compare the same program.
+COPYPARTY_VERSION = "1.20.26"
+COPYPARTY_VENV = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                              "http_bucket-bench", "copyparty-venv")
+PIP_TIMEOUT = 600             # seconds for creating the venv or installing copyparty
+LOOKUP_CONTENT = b"http_bucket benchmark lookup target\n"
+
+# Each side of a comparison: a key for its rows, a title, and http_bucket's
+# flags (None: copyparty with its defaults).
+Side = collections.namedtuple("Side", "key title flags")
+SIDES = collections.OrderedDict((side.key, side) for side in (
+    Side("bucket", "http_bucket", []),
+    Side("copyparty", "copyparty", None),
+    Side("bucket_nofsync", "http_bucket --fsync false", ["--fsync", "false"]),
+    Side("bucket_sha256", "http_bucket --digests sha256", ["--digests", "sha256"]),
+    Side("bucket_workers", "http_bucket --workers auto", ["--workers", "auto"]),
+))
+
+
+class PeerUnavailable(Exception):
+    """copyparty cannot be installed or started here; the message says why."""
+
+
+def _last_line(output):
+    lines = output.decode("utf-8", "replace").strip().splitlines()
+    return lines[-1] if lines else "no output"
+
+
+def installed_copyparty(python):
+    """The copyparty version importable by ``python``, or None."""
+    try:
+        result = subprocess.run([python, "-c", "import importlib.metadata as m; "
+                                 "print(m.version('copyparty'))"], stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.decode().strip() if result.returncode == 0 else None
+
+
+def copyparty_python(venv):
+    """The python of the bench-only ``venv`` with copyparty COPYPARTY_VERSION,
+    made by ``python3 -m venv`` and pip on first use and reused after.
+    Raises PeerUnavailable with the failing step's last line."""
+    python = os.path.join(venv, "bin", "python")
+    if installed_copyparty(python) == COPYPARTY_VERSION:
+        return python
+    steps = [("pip install copyparty==%s" % COPYPARTY_VERSION,
+              [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+               "copyparty==" + COPYPARTY_VERSION])]
+    if not os.path.exists(python):
+        steps.insert(0, ("python3 -m venv", [sys.executable, "-m", "venv", venv]))
+    for title, command in steps:
+        log("copyparty: %s (in %s)" % (title, venv))
+        try:
+            result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, timeout=PIP_TIMEOUT)
+            failure = None if result.returncode == 0 else _last_line(result.stdout)
+        except (OSError, subprocess.SubprocessError) as exc:
+            failure = str(exc)
+        if failure:
+            if title.endswith("venv"):  # a venv without pip would fail the same way next time
+                shutil.rmtree(venv, ignore_errors=True)
+            raise PeerUnavailable("%s failed: %s" % (title, failure))
+    found = installed_copyparty(python)
+    if found != COPYPARTY_VERSION:
+        raise PeerUnavailable("%s has copyparty %s after pip, not %s"
+                              % (python, found, COPYPARTY_VERSION))
+    return python
+
+
+def check_copyparty(ctx, python):
+    """Start copyparty once and PUT a small file: raises PeerUnavailable if that fails."""
+    try:
+        server = ctx.servers.start_copyparty(python, "copyparty-check")
+    except RuntimeError as exc:
+        raise PeerUnavailable("it did not start: %s" % exc)
+    try:
+        status, body = http_request(server, "PUT", "/check.txt", LOOKUP_CONTENT)
+        if status != 201 or hashlib.sha512(LOOKUP_CONTENT).hexdigest()[:56] not in body.decode():
+            raise PeerUnavailable("PUT /check.txt answered %d: %r" % (status, body[:200]))
+    except (OSError, http.client.HTTPException) as exc:
+        raise PeerUnavailable("PUT /check.txt failed: %s" % exc)
+    finally:
+        ctx.servers.stop(server)
+
+
+def supports_flag(script, flag):
+    """Whether ``script --help`` lists ``flag``."""
+    try:
+        result = subprocess.run([sys.executable, script, "--help"], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return re.search(r"(^|[\s\[,])%s\b" % re.escape(flag), result.stdout.decode()) is not None
+
+
+def prepare_peers(ctx):
+    """Fill ctx.peer: copyparty's python (or why it is skipped) and whether
+    this http_bucket has --workers (or why that row is n/a)."""
+    peer = ctx.peer
+    peer.update(version=COPYPARTY_VERSION, venv=ctx.copyparty_venv, python=None, skipped=None,
+                workers_missing=None, rounds=max(2, ctx.runs))
+    try:
+        python = copyparty_python(ctx.copyparty_venv)
+        check_copyparty(ctx, python)
+        peer["python"] = python
+    except PeerUnavailable as exc:
+        peer["skipped"] = str(exc)
+        log("copyparty: skipped (%s)" % exc)
+    if not supports_flag(ctx.servers.script, "--workers"):
+        peer["workers_missing"] = "n/a: --workers not supported by this http_bucket"
+
+
+def peer_sides(ctx, *keys):
+    """The sides among ``keys`` that can run here (copyparty installed, --workers known)."""
+    sides = []
+    for key in keys:
+        if key == "copyparty" and not ctx.peer["python"]:
+            continue
+        if key == "bucket_workers" and ctx.peer["workers_missing"]:
+            continue
+        sides.append(SIDES[key])
+    return sides
+
+
+def start_side(ctx, side, label):
+    """A fresh server of ``side``, ready and idle; (server, its routes)."""
+    if side.flags is None:
+        server = ctx.servers.start_copyparty(ctx.peer["python"], label)
+        routes = COPYPARTY_ROUTES
+    else:
+        try:
+            server = ctx.servers.start(extra_args=side.flags, label=label)
+        except RuntimeError as exc:
+            if side.key != "bucket_workers":
+                raise
+            ctx.peer["workers_missing"] = "n/a: --workers auto did not start: %s" % exc
+            return None, None
+        routes = BUCKET_ROUTES
+    server.wait_idle()
+    return server, routes
+
+
+def stored_files(server):
+    """Files the server holds: http_bucket's blob count, or copyparty's volume listing."""
+    if server.name == "http_bucket":
+        health = server.healthz()
+        return health and health.get("blobs")
+    return sum(1 for entry in os.scandir(server.directory)
+               if entry.is_file() and not entry.name.startswith("."))
+
+
+def define_peer_row(ctx, key, figure, unit, digits=0):
+    ctx.figures.define(key, "peers: " + figure, unit, digits=digits)
+
+
+# -- 1, 2. small distinct uploads over keep-alive connections ---------------
+
+
+def peer_small(ctx, rounds):
+    figures = ctx.figures
+    count, size = ctx.sizes["peer_small_count"], ctx.sizes["small_size"]
+    plans = (("put", "PUT", peer_sides(ctx, "bucket", "copyparty", "bucket_nofsync",
+                                       "bucket_workers")),
+             ("multipart", "multipart", peer_sides(ctx, "bucket", "copyparty")))
+    for mode, title, sides in plans:
+        for side in sides:
+            figure = "%d distinct %d KiB uploads, %s, 8 connections: %s" % (
+                count, size // 1024, title, side.title)
+            define_peer_row(ctx, "peer_small_%s_%s" % (mode, side.key), figure, "uploads/s")
+            define_peer_row(ctx, "peer_cpu_small_%s_%s" % (mode, side.key),
+                            "server CPU per %d KiB %s upload: %s" % (size // 1024, title,
+                                                                    side.title),
+                            "ms", digits=3)
+        for run in range(rounds):
+            for side in sides:
+                server, routes = start_side(ctx, side, "peer-small-%s-%s" % (mode, side.key))
+                if server is None:
+                    continue
+                try:
+                    cpu_before = server.cpu()
+                    load = load_uploads(ctx, server, mode, count, size, 8, routes)
+                    cpu_ms = (server.cpu() - cpu_before) / count * 1e3
+                    stored = stored_files(server)
+                finally:
+                    ctx.servers.stop(server, remove_dir=False)  # many files: removed at the end
+                key = "peer_small_%s_%s" % (mode, side.key)
+                figures.add(key, load.rate, failed=load.failed, stored=stored,
+                            client_cpu_us_per_request=client_us_per_request(load),
+                            server_cpu_us_per_request=cpu_ms * 1e3)
+                figures.add("peer_cpu_small_%s_%s" % (mode, side.key), cpu_ms)
+                if load.failed:
+                    figures.note(key, "%d uploads failed" % load.failed)
+                if stored is not None and stored < count:
+                    figures.note(key, "only %d files stored" % stored)
+                log("round %d %s %s: %.0f uploads/s (%d failed, %s stored), server CPU %.3f "
+                    "ms/upload, load generator CPU %.0f us/upload" % (
+                        run + 1, mode, side.title, load.rate, load.failed, stored, cpu_ms,
+                        client_us_per_request(load) or 0))
+
+
+# -- 3. large uploads, and downloading them ----------------------------------
+
+
+def peer_file(ctx):
+    """The large upload's content for section p: (path, {algorithm: hex}), made once."""
+    if not ctx.peer.get("file"):
+        path = os.path.join(ctx.workdir, "peer-big.bin")
+        ctx.peer["file"] = path, write_test_file(path, ctx.sizes["peer_big_bytes"],
+                                                 ("sha256", "sha512"))
+    return ctx.peer["file"]
+
+
+def curl_upload(server, routes, mode, path):
+    """Upload ``path`` whole by curl -T (PUT) or -F (multipart): (seconds, answer text)."""
+    response_path = path + ".response"
+    if mode == "put":
+        target = server.url + routes["put_prefix"] + os.path.basename(path)
+        arguments = ["-T", path, target]
+    else:
+        arguments = ["-F", "%s=@%s" % (routes["field"], path), server.url + routes["post_path"]]
+    code, seconds = curl(["-o", response_path] + arguments)
+    with open(response_path, "rb") as handle:
+        answer = handle.read().decode("utf-8", "replace")
+    os.unlink(response_path)
+    if code not in (200, 201):
+        raise RuntimeError("%s upload to %s answered %d: %s" % (mode, server.name, code,
+                                                                answer[:300]))
+    return seconds, answer
+
+
+def check_stored_digest(server, answer, digests):
+    """Raise unless the answer names the file's digest (http_bucket: sha256 in
+    JSON; copyparty: the first 56 hex digits of sha512, in text or JSON)."""
+    if server.name == "http_bucket":
+        stored = json.loads(answer)["files"][0]["checksums"]["sha256"]
+        if stored != digests["sha256"]:
+            raise RuntimeError("http_bucket stored sha256 %s, file has %s"
+                               % (stored, digests["sha256"]))
+    elif digests["sha512"][:56] not in answer:
+        raise RuntimeError("copyparty's answer lacks the file's sha512: %s" % answer[:300])
+
+
+def peer_large_once(ctx, side, mode, with_download):
+    """One large upload to a fresh server: dict of MB/s, CPU s, peak RSS, download MB/s."""
+    path, digests = peer_file(ctx)
+    size = ctx.sizes["peer_big_bytes"]
+    settle()
+    server, routes = start_side(ctx, side, "peer-big-%s-%s" % (mode, side.key))
+    try:
+        server.start_sampling()
+        cpu_before = server.cpu()
+        seconds, answer = curl_upload(server, routes, mode, path)
+        cpu = server.cpu() - cpu_before
+        server.stop_sampling()
+        hwm_kb = server.status().get("VmHWM", 0)
+        check_stored_digest(server, answer, digests)
+        download = None
+        if with_download:
+            settle()
+            where = ("/checksum/" + digests["sha256"] if server.name == "http_bucket"
+                     else "/" + os.path.basename(path))
+            code, download_seconds = curl(["-o", os.devnull, server.url + where])
+            if code != 200:
+                raise RuntimeError("download from %s answered %d" % (server.name, code))
+            download = size / download_seconds / MB
+    finally:
+        ctx.servers.stop(server)
+    return {"rate": size / seconds / MB, "cpu": cpu,
+            "hwm_mib": max(hwm_kb, server.peak_sampled_kb) / 1024.0, "download": download}
+
+
+def peer_large(ctx, rounds):
+    """Round-major: each round has the 3-digest ceiling, then every upload, so
+    goal 3's PUT, multipart, ceiling and copyparty figures pair within a round."""
+    figures = ctx.figures
+    label = size_label(ctx.sizes["peer_big_bytes"])
+    titles = {"put": "curl -T (PUT)", "multipart": "curl -F (multipart)"}
+    plan = ([("put", side) for side in peer_sides(ctx, "bucket", "copyparty", "bucket_sha256")]
+            + [("multipart", side) for side in peer_sides(ctx, "bucket", "copyparty")])
+    define_peer_row(ctx, "peer_ceiling_3digest", "ceiling: md5+sha256+sha512, 3 threads "
+                    "(all cores), in each round", "MB/s")
+    for mode, side in plan:
+        define_peer_row(ctx, "peer_big_%s_%s" % (mode, side.key),
+                        "%s upload, %s: %s" % (label, titles[mode], side.title), "MB/s")
+        if mode == "put" and side.key in ("bucket", "copyparty"):
+            define_peer_row(ctx, "peer_rss_big_put_%s" % side.key,
+                            "peak RSS during the %s PUT: %s" % (label, side.title), "MiB",
+                            digits=1)
+            define_peer_row(ctx, "peer_download_%s" % side.key, "%s download by curl, "
+                            "right after its upload: %s" % (label, side.title), "MB/s")
+    for run in range(rounds):
+        rate = hash_rate(random_buffers(16), ctx.sizes["hash_bytes"],
+                         ("md5", "sha256", "sha512"), threaded=True)
+        figures.add("peer_ceiling_3digest", rate)
+        log("round %d ceiling 3 digests in threads: %.0f MB/s" % (run + 1, rate))
+        for mode, side in plan:
+            with_download = mode == "put" and side.key in ("bucket", "copyparty")
+            result = peer_large_once(ctx, side, mode, with_download)
+            figures.add("peer_big_%s_%s" % (mode, side.key), result["rate"],
+                        server_cpu_s=result["cpu"])
+            if with_download:
+                figures.add("peer_rss_big_put_%s" % side.key, result["hwm_mib"])
+                figures.add("peer_download_%s" % side.key, result["download"])
+            log("round %d %s %s: %.0f MB/s, server CPU %.1f s, peak RSS %.1f MiB%s" % (
+                run + 1, mode, side.title, result["rate"], result["cpu"], result["hwm_mib"],
+                ", download %.0f MB/s" % result["download"] if result["download"] else ""))
+
+
+# -- 4, 5. lookups: HEAD /checksum against copyparty's GET of a small file ---
+
+
+def store_lookup_target(server, routes):
+    """PUT the small lookup file: the path that reads it back."""
+    status, body = http_request(server, "PUT", routes["put_prefix"] + "lookup.txt",
+                                LOOKUP_CONTENT)
+    if status not in (200, 201):
+        raise RuntimeError("%s: PUT of the lookup target answered %d" % (server.name, status))
+    if server.name == "http_bucket":
+        return "/checksum/" + json.loads(body.decode())["files"][0]["checksums"]["sha256"]
+    return "/lookup.txt"
+
+
+def lookup_row(key, method, client):
+    return "peer_%s%s_%s" % (method.lower(), "_py" if client else "", key)
+
+
+def peer_lookups(ctx, rounds):
+    figures, seconds = ctx.figures, ctx.sizes["head_seconds"]
+    running = collections.OrderedDict()
+    try:
+        for side in peer_sides(ctx, "bucket", "copyparty", "bucket_workers"):
+            server, routes = start_side(ctx, side, "peer-lookup-" + side.key)
+            if server is not None:
+                running[side.key] = server, store_lookup_target(server, routes)
+        # The goal rows first (http_bucket's HEAD, copyparty's GET), then the
+        # like-with-like ones: GET against GET, and HEAD against HEAD by the
+        # Python generator, as wrk 4.1 cannot time copyparty's HEAD: its parser
+        # does not know the request was a HEAD and waits for the body that
+        # copyparty's (correct) Content-Length announces; http_bucket's HEAD
+        # says Content-Length: 0 (the size is in X-Blob-Size).
+        cases = [(key, method, client) for key, method, client in (
+            ("bucket", "HEAD", None), ("bucket_workers", "HEAD", None), ("copyparty", "GET", None),
+            ("bucket", "GET", None), ("bucket", "HEAD", "python"),
+            ("copyparty", "HEAD", "python")) if key in running]
+        for key, method, client in cases:
+            define_peer_row(ctx, lookup_row(key, method, client), "%s of a %d-byte file, 16 "
+                            "connections%s: %s" % (method, len(LOOKUP_CONTENT),
+                                                   ", Python generator" if client else "",
+                                                   SIDES[key].title), "req/s")
+        for run in range(rounds):
+            for key, method, client in cases:
+                server, path = running[key]
+                cpu_before = server.cpu()
+                load = load_requests(ctx, server, method, path, 16, seconds, client=client)
+                cpu_us = (server.cpu() - cpu_before) / max(1, load.requests) * 1e6
+                row = lookup_row(key, method, client)
+                if not load.requests:  # None keeps the rounds of every row aligned
+                    figures.note(row, "no request answered in round %d" % (run + 1))
+                    figures.add(row, None)
+                    continue
+                figures.add(row, load.rate, failed=load.failed, server_cpu_us_per_request=cpu_us,
+                            client_cpu_us_per_request=client_us_per_request(load))
+                if load.failed or load.errors:
+                    figures.note(row, "%d unexpected statuses %s" % (load.failed, load.errors))
+                log("round %d %s %s%s: %.0f req/s, server CPU %.0f us/request, load generator "
+                    "CPU %.0f us/request" % (run + 1, method, SIDES[key].title,
+                                             " (Python generator)" if client else "", load.rate,
+                                             cpu_us, client_us_per_request(load) or 0))
+    finally:
+        for server, _ in running.values():
+            ctx.servers.stop(server)
+
+
+def bench_peers(ctx):
+    prepare_peers(ctx)
+    rounds = ctx.peer["rounds"]
+    log("peers: copyparty %s, %d interleaved rounds"
+        % (ctx.peer["skipped"] and "skipped" or ctx.peer["version"], rounds))
+    peer_small(ctx, rounds)
+    peer_large(ctx, rounds)
+    peer_lookups(ctx, rounds)
+    for key, row in ctx.figures.rows.items():
+        client = _median_or_none(row["extra"].get("client_cpu_us_per_request", []))
+        if key.startswith("peer_") and client is not None:
+            ctx.figures.note(key, "load generator CPU %.0f us/request" % client)
+
+
+# -- the peer table -----------------------------------------------------------
+
+
+def _present(values):
+    return [value for value in values if value is not None]
+
+
+def peer_row(figure, unit, value_runs, reference_runs=(), goal=None, digits=0,
+             label="copyparty", missing=""):
+    """One row of the peer table: {figure, reference, value, ratio, goal, met} as
+    text, and "numbers".
+
+    ``value_runs`` and ``reference_runs`` are per-round values (None where a
+    round has none); ``reference`` is copyparty's unless ``label`` names
+    another.  The ratio is the median over rounds of value / reference, both
+    of one round (what interleaving is for), or value / x for a goal
+    ("min", x) or ("max", x) without a reference.  ``goal``: ("ratio", f):
+    ratio >= f; ("min", x) or ("max", x): the value's median alone against x;
+    None: informative.  ``missing`` says why there is no value."""
+    def shown(number):
+        return ("%%.%df %%s" % digits) % (number, unit)
+
+    values, references = _present(value_runs), _present(reference_runs)
+    value = statistics.median(values) if values else None
+    reference = statistics.median(references) if references else None
+    pairs = [(one, other) for one, other in zip(value_runs, reference_runs)
+             if one is not None and other]
+    ratio = None
+    if pairs:
+        ratio = statistics.median(one / other for one, other in pairs)
+    elif value is not None and goal and goal[0] in ("min", "max"):
+        ratio = value / goal[1]
+    met = None
+    if goal and value is not None:
+        if goal[0] == "ratio":
+            met = None if ratio is None else ratio >= goal[1]
+        else:
+            met = value >= goal[1] if goal[0] == "min" else value <= goal[1]
+    if goal is None:
+        goal_text = "(informative)"
+    elif goal[0] == "ratio":
+        factor = "%g" % goal[1]
+        goal_text = "≥ %s× %s" % (factor if "." in factor else factor + ".0", label)
+    else:
+        goal_text = "%s %s" % ("≥" if goal[0] == "min" else "≤", shown(goal[1]))
+    if reference is not None:
+        reference_text = shown(reference) if label == "copyparty" else "%s: %s" % (
+            label, shown(reference))
+    else:
+        reference_text = "—" if label != "copyparty" else "not measured"
+    return {"figure": figure, "reference": reference_text,
+            "value": shown(value) if value is not None else (missing or "not measured"),
+            "ratio": "%.2f×" % ratio if ratio is not None else "—", "goal": goal_text,
+            "met": "n/a" if met is None else ("met" if met else "MISSED"),
+            "numbers": {"value": value, "reference": reference, "ratio": ratio,
+                        "value_runs": list(value_runs), "reference_runs": list(reference_runs),
+                        "goal": list(goal) if goal else None, "met": met, "unit": unit}}
+
+
+def peer_rows(ctx):
+    """The targets of the peer comparison, each a peer_row, in the issue's order."""
+    figures, peer = ctx.figures, ctx.peer
+
+    def runs(key):
+        return list(figures.rows[key]["runs"]) if key in figures.rows else []
+
+    big = size_label(ctx.sizes["peer_big_bytes"])
+    small = "%d KiB" % (ctx.sizes["small_size"] // 1024)
+    workers = peer.get("workers_missing") or ""
+    rows = [
+        peer_row("1. %s distinct PUT, 8 keep-alive connections" % small, "uploads/s",
+                 runs("peer_small_put_bucket"), runs("peer_small_put_copyparty"),
+                 ("ratio", 1.0)),
+        peer_row("1. server CPU per %s PUT" % small, "ms", runs("peer_cpu_small_put_bucket"),
+                 runs("peer_cpu_small_put_copyparty"), ("max", 0.8), digits=3),
+        peer_row("2. %s distinct multipart uploads, 8 connections" % small, "uploads/s",
+                 runs("peer_small_multipart_bucket"), runs("peer_small_multipart_copyparty"),
+                 ("ratio", 2.0)),
+        peer_row("3. %s PUT against multipart, same body, 3 digests" % big, "MB/s",
+                 runs("peer_big_put_bucket"), runs("peer_big_multipart_bucket"),
+                 ("ratio", 0.95), label="multipart"),
+        peer_row("3. %s PUT, http_bucket --digests sha256" % big, "MB/s",
+                 runs("peer_big_put_bucket_sha256"), runs("peer_big_put_copyparty"),
+                 ("ratio", 1.5)),
+        peer_row("3. %s PUT, 3 digests, against all-core hashing of them" % big, "MB/s",
+                 runs("peer_big_put_bucket"), runs("peer_ceiling_3digest"),
+                 ("ratio", 0.9), label="ceiling"),
+        peer_row("4. --workers auto: HEAD /checksum against GET of a small file", "req/s",
+                 runs("peer_head_bucket_workers"), runs("peer_get_copyparty"),
+                 ("ratio", 10.0), missing=workers),
+        peer_row("4. --workers auto: %s distinct PUT" % small, "uploads/s",
+                 runs("peer_small_put_bucket_workers"), runs("peer_small_put_copyparty"),
+                 ("ratio", 1.3), missing=workers),
+        peer_row("5. HEAD /checksum against GET of a small file", "req/s",
+                 runs("peer_head_bucket"), runs("peer_get_copyparty"), ("ratio", 2.0)),
+        peer_row("5. %s download by curl" % big, "MB/s", runs("peer_download_bucket"),
+                 runs("peer_download_copyparty"), ("min", 1000)),
+        upload_rss_row(ctx),
+        startup_row(ctx),
+        peer_row("%s PUT, http_bucket --fsync false (copyparty never fsyncs)" % small,
+                 "uploads/s", runs("peer_small_put_bucket_nofsync"),
+                 runs("peer_small_put_copyparty")),
+        peer_row("server CPU per %s multipart upload" % small, "ms",
+                 runs("peer_cpu_small_multipart_bucket"),
+                 runs("peer_cpu_small_multipart_copyparty"), digits=3),
+        peer_row("GET of a small file, both (http_bucket: GET /checksum)", "req/s",
+                 runs("peer_get_bucket"), runs("peer_get_copyparty")),
+        peer_row("HEAD of a small file, both (Python generator)", "req/s",
+                 runs("peer_head_py_bucket"), runs("peer_head_py_copyparty")),
+        peer_row("%s PUT, 3 digests (copyparty: sha512 alone)" % big, "MB/s",
+                 runs("peer_big_put_bucket"), runs("peer_big_put_copyparty")),
+        peer_row("%s multipart (copyparty: act=bput)" % big, "MB/s",
+                 runs("peer_big_multipart_bucket"), runs("peer_big_multipart_copyparty")),
+        peer_row("peak RSS during the %s PUT" % big, "MiB", runs("peer_rss_big_put_bucket"),
+                 runs("peer_rss_big_put_copyparty"), digits=1),
+    ]
+    if peer.get("skipped"):
+        for row in rows:
+            if row["reference"] == "not measured":
+                row["reference"] = "skipped"
+    return rows
+
+
+def upload_rss_row(ctx):
+    """Goal 5's RSS during a 1 GiB upload: section b's figure, else section p's
+    large PUT (of its size, which the figure names)."""
+    figures = ctx.figures
+    key, size = "rss_upload_put", ctx.sizes["big_bytes"]
+    if figures.median(key) is None:
+        key, size = "peer_rss_big_put_bucket", ctx.sizes["peer_big_bytes"]
+    runs = figures.rows[key]["runs"] if key in figures.rows else []
+    return peer_row("5. peak RSS during a %s PUT" % size_label(size), "MiB", runs,
+                    goal=("max", 64), digits=1, label="—",
+                    missing="not measured (sections upload, peers)")
+
+
+def startup_row(ctx):
+    """Goal 5's startup time per 100,000 blobs, from section f's largest store."""
+    counts = [int(key.split("_")[1]) for key in ctx.figures.rows
+              if re.match(r"startup_\d+$", key) and ctx.figures.median(key) is not None]
+    runs, figure = [], "5. startup to index_ready, per 100,000 blobs"
+    if counts:
+        count = max(counts)
+        runs = [None if run is None else run * 100000.0 / count
+                for run in ctx.figures.rows["startup_%d" % count]["runs"]]
+        figure += " (store of %d)" % count
+    return peer_row(figure, "s", runs, goal=("max", 1.0), digits=3, label="—",
+                    missing="not measured (section startup)")
+
+
+def peer_table(rows):
+    header = ("figure", "copyparty / reference", "http_bucket", "ratio", "goal", "met")
+    keys = ("figure", "reference", "value", "ratio", "goal", "met")
+    lines = [header] + [tuple(row[key] for key in keys) for row in rows]
+    widths = [max(len(line[column]) for line in lines) for column in range(len(header))]
+    out = []
+    for number, line in enumerate(lines):
+        out.append("| " + " | ".join(cell.ljust(width) if column == 0 else cell.rjust(width)
+                                     for column, (cell, width) in enumerate(zip(line, widths)))
+                   + " |")
+        if number == 0:
+            out.append("|" + "|".join("-" * (width + 2) for width in widths) + "|")
+    return "\n".join(out)
+
+
+def load_generator_lines(ctx):
+    """The load generator's own CPU per request beside the servers', per figure."""
+    lines = []
+    for key, row in ctx.figures.rows.items():
+        client = _median_or_none(row["extra"].get("client_cpu_us_per_request", []))
+        server = _median_or_none(row["extra"].get("server_cpu_us_per_request", []))
+        if key.startswith("peer_") and client is not None:
+            lines.append("  %-75s %5.0f us/request (server %5.0f us, %.2f × the server's)"
+                         % (row["figure"][len("peers: "):], client, server or 0,
+                            client / server if server else 0))
+    return lines
+
+
+def peer_report(ctx, rows):
+    """The text printed after the main table: copyparty's state, the table of
+    ``rows`` (peer_rows), the load generator's CPU."""
+    peer = ctx.peer
+    if peer.get("skipped"):
+        head = "copyparty: skipped (%s); http_bucket's rows measured alone" % peer["skipped"]
+    else:
+        head = ("http_bucket against copyparty %s (%s -m copyparty -i 127.0.0.1 -p PORT "
+                "-v DIR::rw --wram), medians of %d interleaved rounds"
+                % (peer["version"], peer["python"], peer["rounds"]))
+    text = [head, peer_table(rows),
+            "value cells: medians over rounds; ratio: the median over rounds of http_bucket "
+            "/ the reference of the same round, or median / goal where there is no reference",
+            "load generator (%s): its own CPU per request, medians:" % ctx.client]
+    return "\n".join(text + load_generator_lines(ctx))
 
 
 # ===========================================================================
@@ -1439,6 +2177,8 @@ class Context:
         self.with_1m = args.with_1m
         self.client = args.client
         self.big_file = self.big_sha256 = None
+        self.copyparty_venv = args.copyparty_venv
+        self.peer = {}  # section p: copyparty's state and the large file (prepare_peers)
         self._nonce = 0
 
     def next_nonce(self):
@@ -1496,12 +2236,15 @@ def parse_args(argv):
     parser.add_argument("--json", default="bench-results.json", help="where to write results")
     parser.add_argument("--with-1m", action="store_true",
                         help="add the 1,000,000-blob startup case (minutes, ~1 GB of files)")
-    parser.add_argument("--only", default="", help="sections to run: %s (or letters a-g, s)"
-                        % ",".join(SECTIONS))
+    parser.add_argument("--only", default="", help="sections to run: %s (or letters %s)"
+                        % (",".join(SECTIONS), ",".join(sorted(LETTERS))))
     parser.add_argument("--client", choices=("wrk", "python"), default=None,
                         help="load generator (default: wrk when installed)")
     parser.add_argument("--server", default=os.path.join(HERE, "http_bucket.py"),
                         help="the server script to benchmark (default: %(default)s)")
+    parser.add_argument("--copyparty-venv", default=COPYPARTY_VENV, metavar="DIR",
+                        help="bench-only venv holding copyparty %s for the peers section, "
+                        "made on first use (default: %%(default)s)" % COPYPARTY_VERSION)
     args = parser.parse_args(argv)
     if args.runs is None:
         args.runs = 1 if args.quick else 3
@@ -1517,8 +2260,8 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    if not shutil.which("curl") and {"upload", "download"} & set(args.sections):
-        raise SystemExit("curl is needed for the upload and download sections")
+    if not shutil.which("curl") and {"upload", "download", "peers"} & set(args.sections):
+        raise SystemExit("curl is needed for the upload, download and peers sections")
     figures = Figures()
     workdir = tempfile.mkdtemp(prefix="http_bucket_bench-")
     servers = Servers(os.path.abspath(args.server), workdir)
@@ -1557,11 +2300,18 @@ def main(argv=None):
     print("\nhttp_bucket benchmark (%s, %d run(s), medians; client: %s; %s)"
           % ("quick" if args.quick else "full", args.runs, args.client, meta["units"]))
     print(table)
+    peers = None
+    if ctx.peer:
+        rows = peer_rows(ctx)
+        report = peer_report(ctx, rows)
+        print("\n" + report)
+        peers = {"copyparty": {key: value for key, value in ctx.peer.items() if key != "file"},
+                 "rows": rows, "report": report}
     for name, text in failures.items():
         print("section %s FAILED: %s" % (name, text))
     with open(args.json, "w") as handle:
         json.dump({"meta": meta, "failures": failures, "figures": figures.as_json(),
-                   "table": table}, handle, indent=1)
+                   "table": table, "peers": peers}, handle, indent=1)
     log("wrote %s in %.0f s" % (args.json, meta["seconds"]))
     return 1 if failures else 0
 
