@@ -85,10 +85,11 @@ MB = 1000 * 1000
 # inodes deleted in the last minutes (recently_deleted in the kernel's
 # profile), so every store of many files is deleted only at the very end.
 SECTIONS = ("ceilings", "upload", "small", "head", "download", "scaling", "archives",
-            "listing", "peers", "startup")
+            "listing", "uploads", "peers", "startup")
 LETTERS = {"a": ("ceilings",), "b": ("upload",), "c": ("small",), "d": ("head",),
            "e": ("download",), "f": ("startup",), "g": ("upload", "small"),
-           "s": ("scaling",), "x": ("archives",), "l": ("listing",), "p": ("peers",)}
+           "s": ("scaling",), "x": ("archives",), "l": ("listing",), "p": ("peers",),
+           "u": ("uploads",)}
 
 # Sizes of a full run and of a --quick smoke run.
 FULL = dict(hash_bytes=512 * MiB, disk_bytes=1 * GiB, loopback_bytes=1 * GiB,
@@ -96,13 +97,15 @@ FULL = dict(hash_bytes=512 * MiB, disk_bytes=1 * GiB, loopback_bytes=1 * GiB,
             head_seconds=5, startup_counts=(10000, 100000),
             scaling_uploads=256, scaling_size=1 * MiB,
             zip_members=10000, tgz_bytes=1 * GiB, bomb_bytes=1 * GiB,
-            listing_entries=100000, peer_small_count=2000, peer_big_bytes=512 * MiB)
+            listing_entries=100000, peer_small_count=2000, peer_big_bytes=512 * MiB,
+            uploads_records=1000000)
 QUICK = dict(hash_bytes=64 * MiB, disk_bytes=128 * MiB, loopback_bytes=256 * MiB,
              big_bytes=128 * MiB, small_count=400, small_size=16 * 1024,
              head_seconds=2, startup_counts=(10000,),
              scaling_uploads=64, scaling_size=1 * MiB,
              zip_members=1000, tgz_bytes=64 * MiB, bomb_bytes=256 * MiB,
-             listing_entries=10000, peer_small_count=800, peer_big_bytes=128 * MiB)
+             listing_entries=10000, peer_small_count=800, peer_big_bytes=128 * MiB,
+            uploads_records=100000)
 
 SERVER_START_TIMEOUT = 30.0   # seconds until /healthz answers
 CURL_TIMEOUT = 300            # seconds for one 1 GiB transfer
@@ -931,6 +934,101 @@ def bench_listing(ctx):
     finally:
         ctx.servers.stop(server)
     figures.note("listing_rss", "VmHWM; names sorted in memory, entries streamed")
+
+
+UPLOADS_NEEDLES = 100   # records of the filtered query, spread through the log
+
+
+def generate_uploads_log(root, count, files=2):
+    """``count`` uploads-log records in ``files`` files of dead processes,
+    as real uploads would leave them (names, digests, a tree or a name,
+    metadata), ids ascending within each file.  Every count // 100-th
+    record carries meta job=needle: the filtered query's 100 hits.
+    Returns the number of bytes written."""
+    directory = os.path.join(root, "uploads")
+    os.makedirs(directory, exist_ok=True)
+    start = int((time.time() - count * 0.05) * 1000000)
+    step = max(1, count // UPLOADS_NEEDLES)
+    handles = [open(os.path.join(directory, "bench-dead-%d.jsonl" % n), "w", encoding="utf-8")
+               for n in range(files)]
+    written = 0
+    try:
+        for number in range(count):
+            micros = start + number * 50000
+            sha256 = hashlib.sha256(b"%d" % number).hexdigest()
+            record = {
+                "id": "%016d-%06x" % (micros, number % files),
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(micros / 1e6)) + ".000Z",
+                "name": "results-%d.xml" % number, "size": 4000 + number % 5000,
+                "sha256": sha256, "mime": "application/xml",
+                "blob": "blob/%s/%s/%s" % (sha256[:2], sha256[2:4], sha256),
+                "decompressed": None, "tree": None,
+                "names": ["files/ci/build-%d/results-%d.xml" % (number // 10, number)],
+                "replicas": [], "expires": None, "keep": False, "client": "10.1.2.3",
+                "meta": {"job": "needle" if number % step == step // 2 else str(number),
+                         "branch": "main"}}
+            line = json.dumps(record, ensure_ascii=False, separators=(", ", ": ")) + "\n"
+            handles[number % files].write(line)
+            written += len(line)
+    finally:
+        for handle in handles:
+            handle.close()
+    return written
+
+
+def bench_uploads(ctx):
+    """GET /uploads on a log of a million records: the newest page, a
+    filtered query with 100 hits spread through it, RSS, and startup with
+    and without the records (issue 10, part 6)."""
+    figures = ctx.figures
+    count = ctx.sizes["uploads_records"]
+    label = "%dk" % (count // 1000)
+    figures.define("uploads_newest_ms", "GET /uploads newest page (100) of %s records" % label,
+                   "ms", ("max", 100), "< 100 ms", digits=1)
+    figures.define("uploads_filtered_s", "GET /uploads?meta.job= (100 hits in %s records)" % label,
+                   "s", ("max", 2), "< 2 s", digits=2)
+    figures.define("uploads_rss_growth", "server RSS growth after the queries", "MiB", digits=1)
+    figures.define("uploads_startup_delta", "startup to index_ready: with %s records minus "
+                   "without" % label, "s", ("max", 2), "≤ 2 s", digits=3)
+    directory = ctx.servers.fresh_dir("uploads-log")
+    started = time.monotonic()
+    size = generate_uploads_log(directory, count)
+    log("generated %d records (%.0f MB) in %.1f s" % (count, size / MB, time.monotonic() - started))
+    figures.note("uploads_newest_ms", "%d records, %.0f MB in 2 files" % (count, size / MB))
+    for run in range(ctx.runs):
+        empty = ctx.servers.start(label="uploads-empty")
+        empty_ready = empty.wait_ready()
+        ctx.servers.stop(empty)
+        server = ctx.servers.start(directory)
+        ready = server.wait_ready()
+        figures.add("uploads_startup_delta", ready - empty_ready)
+        try:
+            server.wait_idle()
+            before_kb = server.status().get("VmRSS", 0)
+            newest = []
+            for _ in range(20):
+                began = time.monotonic()
+                status, body = http_request(server, "GET", "/uploads?format=json")
+                newest.append((time.monotonic() - began) * 1000)
+                if status != 200 or json.loads(body.decode())["count"] != 100:
+                    raise RuntimeError("newest page answered %d" % status)
+            figures.add("uploads_newest_ms", statistics.median(newest))
+            began = time.monotonic()
+            status, body = http_request(server, "GET",
+                                        "/uploads?format=json&meta.job=needle", timeout=120)
+            filtered = time.monotonic() - began
+            hits = json.loads(body.decode())["count"] if status == 200 else None
+            if hits != UPLOADS_NEEDLES:
+                raise RuntimeError("filtered query answered %d with %s hits" % (status, hits))
+            figures.add("uploads_filtered_s", filtered)
+            after_kb = server.status().get("VmRSS", 0)
+            figures.add("uploads_rss_growth", (after_kb - before_kb) / 1024.0)
+            log("run %d: newest page %.1f ms (median of 20), filtered %.2f s, RSS %+.1f MiB, "
+                "startup %+.3f s" % (run + 1, statistics.median(newest), filtered,
+                                     (after_kb - before_kb) / 1024.0, ready - empty_ready))
+        finally:
+            ctx.servers.stop(server, remove_dir=False)
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 # ===========================================================================
