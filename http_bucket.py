@@ -68,6 +68,7 @@ import heapq
 import hmac
 import html
 import importlib
+import itertools
 import json
 import lzma
 import mimetypes
@@ -179,6 +180,20 @@ UPLOADS_BLOCK = 1024 * 1024         # bytes read at a time when the uploads
                                     # log is scanned backwards
 GONE_REASONS_DAYS = 365             # why a blob went (R records) is kept
                                     # this long across restarts
+HARD_LIMIT_RATIO = 1.05             # uploads are refused past max-size times
+                                    # this, while eviction catches up
+LOW_WATERMARK = 0.90                # eviction goes down to max-size times this
+EVICT_BATCH = 256                   # least recently used blobs looked at,
+EVICT_BATCH_MAX = 65536             # ... at most, per pass over the table
+EVICT_INTERVAL = 5.0                # seconds between checks of the limits
+                                    # (an upload past them wakes it at once)
+SYNC_EVICT_SECONDS = 10.0           # an upload needing room waits this long
+                                    # for eviction before it is refused
+RETRY_AFTER_EVICTING = 5            # Retry-After of a 507 eviction can cure
+SPACE_CACHE = 0.25                  # seconds a statvfs reading is reused
+USE_FLUSH_SECONDS = 30.0            # uses are journaled this often (T lines)
+MAX_BATCH_DIGESTS = 10000           # digests in one POST /checksum
+MAX_BATCH_BODY = 1024 * 1024        # bytes of one POST /checksum body
 
 # ===========================================================================
 # Errors: each carries its HTTP status; the dispatcher turns them into JSON
@@ -412,6 +427,39 @@ def parse_http_date(text):
         return None
 
 
+def parse_time(text, what):
+    """Epoch seconds of ISO 8601 (UTC unless it says otherwise) or of an
+    epoch number; BadRequest naming ``what`` for anything else."""
+    text = text.strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise BadRequest("%s must be ISO 8601 (2026-11-30, 2026-11-30T05:00:00Z) or epoch "
+                         "seconds, got %r" % (what, text[:60]))
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return moment.timestamp()
+
+
+def iso_time(epoch):
+    """UTC ISO 8601 with milliseconds: ``2026-11-30T05:26:56.123Z``."""
+    moment = datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + "%03dZ" % (moment.microsecond // 1000)
+
+
+def human_bytes(count):
+    """``1536`` -> ``1.5 KiB``: a size for people (exact bytes elsewhere)."""
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if count < 1024 or unit == "TiB":
+            return "%d %s" % (count, unit) if unit == "bytes" else "%.1f %s" % (count, unit)
+        count /= 1024.0
+    return "%d bytes" % count  # not reached
+
+
 def fsync_dir(path):
     """fsync a directory so a new name in it survives a crash."""
     try:
@@ -576,6 +624,24 @@ def _path_or_empty(text):
     return os.path.abspath(text) if text else ""
 
 
+#: A free-space floor: ``percent`` of the filesystem, or ``size`` bytes.
+MinFree = collections.namedtuple("MinFree", "percent size")
+
+
+def _min_free(text):
+    """``5%`` (of the filesystem) or a size (``<int>[kb|mb|gb]``)."""
+    text = str(text).strip()
+    if text.endswith("%"):
+        try:
+            percent = float(text[:-1])
+        except ValueError:
+            percent = -1.0
+        if not 0 <= percent < 100:
+            raise ValueError("a percentage must be from 0%% to 99%%, got %r" % text)
+        return MinFree(percent, 0)
+    return MinFree(0.0, parse_size(text))
+
+
 Setting = collections.namedtuple(
     "Setting", "dest flags env default parse metavar help secret")
 
@@ -607,6 +673,12 @@ SETTINGS = [
     Setting("max_ratio", ("--max-ratio",), "BUCKET_MAX_RATIO", "250",
             _non_negative_float, "RATIO", "expanded : compressed size ratio "
             "allowed; 0 = no limit", False),
+    Setting("max_size", ("--max-size",), "BUCKET_MAX_SIZE", "0", parse_size, "BYTES",
+            "total bytes of blobs; above it the least recently used content is "
+            "evicted down to 90%; 0 = no cap", False),
+    Setting("min_free", ("--min-free",), "BUCKET_MIN_FREE", "5%", _min_free, "BYTES|PCT",
+            "free space kept on the filesystem of ARCHIVE_DIR: uploads that would "
+            "go below it are refused (507)", False),
     Setting("retain_days", ("--retain-days",), "BUCKET_RETAIN_DAYS", "0",
             _non_negative_float, "DAYS", "default retention of uploads and "
             "names; 0 = keep forever", False),
@@ -658,6 +730,8 @@ class Config:
             value = getattr(self, setting.dest)
             if setting.secret:
                 value = bool(value)  # says whether one is set, never which
+            elif isinstance(value, MinFree):
+                value = "%g%%" % value.percent if value.percent else value.size
             elif isinstance(value, tuple):
                 value = list(value)
             shown[setting.dest] = value
@@ -1116,8 +1190,13 @@ class StagedBlob:
         self.head = b""
         self.digests = None
         self.size = 0
+        self.charged = 0  # bytes counted in Store.in_flight
 
     def write(self, data):
+        """Hash and write ``data``.  Raises InsufficientStorage when it
+        would cross a storage limit (Store.charge) or the disk is full."""
+        self.store.charge(len(data))
+        self.charged += len(data)
         if len(self.head) < self.SNIFF_BYTES:
             self.head += bytes(data[:self.SNIFF_BYTES - len(self.head)])
         view = memoryview(data)
@@ -1152,7 +1231,13 @@ class StagedBlob:
             self.fd = None
         return self.digests
 
+    def uncharge(self):
+        """Its bytes no longer count as in flight (published, or gone)."""
+        self.store.charge(-self.charged)
+        self.charged = 0
+
     def discard(self):
+        self.uncharge()
         if self.digester is not None:
             self.digester.close()
         if self.fd is not None:
@@ -1184,8 +1269,11 @@ class Journal:
         U <time> <sha256>                     unpinned
         D <time> <sha256> <derived sha256>    decompressed from it: goes with it
         E <time> <retain_until> <relpath>     a name's expiry (0: none)
-        R <time> <sha256> <reason>            blob removed (deleted, expired,
+        R <time> <sha256> <reason> <size>     blob removed (deleted, expired,
                                               evicted, undone, reclaimed)
+        K <time> <sha256>                     kept: never evicted
+        T <time> <sha256 first 16 hex>        last used then (written in
+                                              batches, not per use)
 
     The file is locked (fcntl) while its process lives: an unlockable
     journal belongs to a live process.  Lines are written whole with one
@@ -1194,7 +1282,7 @@ class Journal:
     commit point (Transaction).
     """
 
-    KINDS = ("B", "P", "U", "D", "E", "R")
+    KINDS = ("B", "P", "U", "D", "E", "R", "K", "T")
 
     def __init__(self, directory, process_id):
         self.directory = directory
@@ -1401,6 +1489,151 @@ class Pins:
             yield Journal.line("P", sha256, "%.3f" % until)
 
 
+class BlobTable:
+    """What eviction needs to know of every blob, compact: when it was last
+    used, whether it is kept, and the totals (blobs, bytes).
+
+    The bulk is three arrays sorted by key (the first 8 bytes of the
+    sha256): ``keys`` ('Q'), ``used`` ('I': Unix seconds) and ``flags``
+    ('B': KEEP, GONE), 13 bytes a blob.  Changes wait in ``recent``
+    {key: [used (float seconds), flags]}, which a lookup reads first; they
+    are merged into the arrays (slices copied around them) when there are
+    MERGE_EVERY of them, or when eviction picks its victims.  A removed blob
+    stays as GONE until the next merge; a blob added again is live again.
+    Uses are also kept in ``dirty`` until ``take_dirty`` hands them to the
+    journal (T records), so a restart keeps the order without a write per
+    use.
+    """
+
+    KEEP, GONE = 1, 2
+    MERGE_EVERY = 65536
+
+    def __init__(self):
+        self.keys = array.array("Q")
+        self.used = array.array("I")
+        self.flags = array.array("B")
+        self.recent = {}
+        self.dirty = {}
+        self.bytes = 0
+        self.count = 0
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def key(sha256):
+        return int(sha256[:16], 16)
+
+    def _entry(self, key):
+        """[used, flags] of ``key`` (a copy for the arrays' part), or None."""
+        entry = self.recent.get(key)
+        if entry is None:
+            spot = bisect.bisect_left(self.keys, key)
+            if spot < len(self.keys) and self.keys[spot] == key:
+                entry = [float(self.used[spot]), self.flags[spot]]
+        return entry
+
+    def _set(self, key, used, flags):
+        self.recent[key] = [used, flags]
+        if len(self.recent) >= self.MERGE_EVERY:
+            self._merge()
+
+    def add(self, sha256, size, when):
+        """A blob was stored at ``when`` (B record); True when it is newly
+        counted (a second record of the same blob only updates its use)."""
+        key = self.key(sha256)
+        with self.lock:
+            entry = self._entry(key)
+            if entry is not None and not entry[1] & self.GONE:
+                if when > entry[0]:
+                    self._set(key, when, entry[1])
+                return False
+            self._set(key, when, 0)  # a keep mark goes with the removed blob
+            self.bytes += size
+            self.count += 1
+            return True
+
+    def remove(self, sha256, size, when):
+        """The blob was removed at ``when`` (R record): uncounted, unless it
+        was stored (or used) again after that."""
+        key = self.key(sha256)
+        with self.lock:
+            entry = self._entry(key)
+            if entry is None or entry[1] & self.GONE or entry[0] > when:
+                return False
+            self._set(key, entry[0], entry[1] | self.GONE)
+            self.bytes = max(0, self.bytes - size)
+            self.count = max(0, self.count - 1)
+            self.dirty.pop(key, None)
+            return True
+
+    def touch(self, key, when, persist=True):
+        """Blob ``key`` (``BlobTable.key``) was used at ``when``."""
+        with self.lock:
+            entry = self._entry(key)
+            if entry is None or entry[1] & self.GONE or entry[0] >= when:
+                return
+            self._set(key, when, entry[1])
+            if persist:
+                self.dirty[key] = when
+
+    def keep(self, sha256):
+        """Never evict this blob (an upload said X-Bucket-Keep)."""
+        key = self.key(sha256)
+        with self.lock:
+            entry = self._entry(key)
+            if entry is not None and not entry[1] & self.KEEP:
+                self._set(key, entry[0], entry[1] | self.KEEP)
+
+    def is_kept(self, sha256):
+        entry = self._entry(self.key(sha256))
+        return bool(entry and entry[1] & self.KEEP)
+
+    def last_use(self, sha256):
+        entry = self._entry(self.key(sha256))
+        return None if entry is None or entry[1] & self.GONE else entry[0]
+
+    def take_dirty(self):
+        """{key: time} of the uses since the last call (for T records)."""
+        with self.lock:
+            dirty, self.dirty = self.dirty, {}
+        return dirty
+
+    def oldest(self, limit, skip=()):
+        """Up to ``limit`` (last use, key) of the least recently used blobs
+        that are neither kept nor gone nor in ``skip``, oldest first."""
+        with self.lock:  # the arrays are replaced by a merge, never changed
+            keys, used, flags = self.keys, self.used, self.flags
+            recent = dict(self.recent)
+        skip_flags = self.KEEP | self.GONE
+        bulk = ((used[spot], keys[spot]) for spot in range(len(keys))
+                if not flags[spot] & skip_flags and keys[spot] not in recent
+                and keys[spot] not in skip)
+        changed = ((entry[0], key) for key, entry in recent.items()
+                   if not entry[1] & skip_flags and key not in skip)
+        return heapq.nsmallest(limit, itertools.chain(changed, bulk))
+
+    def _merge(self):
+        """Fold ``recent`` into the arrays; GONE entries are dropped."""
+        if not self.recent:
+            return
+        keys, used, flags = array.array("Q"), array.array("I"), array.array("B")
+        start = 0
+        for key in sorted(self.recent):
+            spot = bisect.bisect_left(self.keys, key, start)
+            keys += self.keys[start:spot]
+            used += self.used[start:spot]
+            flags += self.flags[start:spot]
+            when, bits = self.recent[key]
+            if not bits & self.GONE:
+                keys.append(key)
+                used.append(min(int(when), 0xFFFFFFFF))
+                flags.append(bits)
+            start = spot + (spot < len(self.keys) and self.keys[spot] == key)
+        keys += self.keys[start:]
+        used += self.used[start:]
+        flags += self.flags[start:]
+        self.keys, self.used, self.flags, self.recent = keys, used, flags, {}
+
+
 class RemovedBlobs:
     """Why blobs were removed (R journal records): sha256 -> reason.
 
@@ -1483,7 +1716,8 @@ class JournalSet:
         self.refresh()
         store.load_seconds = time.monotonic() - started
         store.ready.set()
-        store.log("indexed %d blobs in %.3f s" % (len(store.index), store.load_seconds))
+        store.log("indexed %d blobs in %.3f s (%s)" % (
+            store.table.count, store.load_seconds, human_bytes(store.table.bytes)))
         try:
             found = self.scan_blobs()
             if found:
@@ -1512,8 +1746,8 @@ class JournalSet:
                     self._read(entry.path, events)
                     ranges.append((entry.path, start, self.offsets[entry.path]))
             events.sort(key=lambda event: event[1])
-            for kind, _, fields in events:
-                self._apply(kind, fields)
+            for kind, when, fields in events:
+                self._apply(kind, when, fields)
             unpinned = {}
             for kind, when, fields in events:
                 if kind == "U":
@@ -1553,23 +1787,29 @@ class JournalSet:
                     offset += len(line.encode("utf-8", "surrogateescape"))
                     if parsed is None:
                         continue
-                    if parsed[0] == "B" or (parsed[0] == "P" and _forever(parsed[2])):
-                        self._apply(*parsed[::2])  # order-free: applied at once
+                    if parsed[0] in "BT" or (parsed[0] == "P" and _forever(parsed[2])):
+                        self._apply(*parsed)  # order-free: applied at once
                     else:
                         events.append(parsed)
         except FileNotFoundError:
             pass
         self.offsets[path] = offset
 
-    def _apply(self, kind, fields):
+    def _apply(self, kind, when, fields):
         store = self.store
         if kind == "B":
             digests = dict(field.split("=", 1) for field in fields[1:] if "=" in field)
             if "sha256" in digests and len(digests["sha256"]) == 64:
                 try:
                     store.index.add(digests)
+                    store.table.add(digests["sha256"], int(fields[0]), when)
                 except ValueError:
                     pass
+        elif kind == "T" and fields[0]:
+            try:
+                store.table.touch(int(fields[0][:16], 16), when, persist=False)
+            except ValueError:
+                pass
         elif kind == "P":
             until = float(fields[1]) if len(fields) > 1 else 0.0
             store.pins.add(fields[0], until)
@@ -1581,6 +1821,10 @@ class JournalSet:
             store.expire_in_memory(fields[1], float(fields[0]))
         elif kind == "R" and len(fields) >= 2 and len(fields[0]) == 64:
             store.removed.add(fields[0], fields[1])
+            size = int(fields[2]) if len(fields) > 2 and fields[2].isdigit() else 0
+            store.table.remove(fields[0], size, when)
+        elif kind == "K" and len(fields[0]) == 64:
+            store.table.keep(fields[0])
 
     def scan_blobs(self):
         """Hash blobs that have no record (copied in, or a lost journal)."""
@@ -1647,8 +1891,7 @@ class JournalSet:
             for path in dead:
                 with open(path, "r", encoding="utf-8", errors="surrogateescape") as handle:
                     for line in handle:
-                        if self._live_record(line, seen, orphans):
-                            batch.append(line)
+                        batch += self._kept_lines(line, seen, orphans)
                         if len(batch) >= MERGE_BATCH:
                             self._append(batch)
             for line in store.pins.records():
@@ -1672,31 +1915,40 @@ class JournalSet:
             store.log("reclaimed %d blobs left without a name by a process that died "
                       "mid-upload" % reclaimed)
 
-    def _live_record(self, line, seen, orphans):
-        """The sha256 of a B line whose blob is still on disk, or of an R
-        line younger than GONE_REASONS_DAYS whose blob is still gone, else
-        None."""
+    def _kept_lines(self, line, seen, orphans):
+        """What a dead journal's line leaves in ours: a B line whose blob is
+        still on disk (with a T line when it was used since, a K line when
+        it is kept); an R line younger than GONE_REASONS_DAYS whose blob is
+        still gone; nothing else (pins, expiries and derivations are written
+        from memory)."""
+        store = self.store
         parsed = parse_journal_line(line)
         if parsed is not None and parsed[0] == "R":
             sha256 = parsed[2][0]
             recent = parsed[1] > utc_now() - GONE_REASONS_DAYS * 86400
-            if recent and len(sha256) == 64 and not os.path.exists(self.store.blob_path(sha256)):
-                return sha256
-            return None
+            if recent and len(sha256) == 64 and not os.path.exists(store.blob_path(sha256)):
+                return [line]
+            return []
         if parsed is None or parsed[0] != "B":
-            return None
+            return []
         sha256 = _field_digest(parsed[2], "sha256")
         key = sha256 and int(sha256[:16], 16)
         if not key or key in seen:
-            return None
+            return []
         seen.add(key)
         try:
-            st = os.stat(self.store.blob_path(sha256))
+            st = os.stat(store.blob_path(sha256))
         except OSError:
-            return None  # deleted since
-        if st.st_nlink == 1 and sha256 not in self.store.pins:
+            return []  # deleted since
+        if st.st_nlink == 1 and sha256 not in store.pins:
             orphans.append(sha256)  # release() checks again, and sources
-        return sha256
+        kept = [line]
+        used = store.table.last_use(sha256)
+        if used and used > parsed[1] + 1:
+            kept.append("T\t%.3f\t%s\n" % (used, sha256[:16]))
+        if store.table.is_kept(sha256):
+            kept.append(Journal.line("K", sha256))
+        return kept
 
     def _append(self, lines):
         journal = self.store.journal
@@ -1806,6 +2058,12 @@ class Store:
         self.pins = Pins()
         self.expiries = {}    # relpath -> retain_until, names that expire
         self.removed = RemovedBlobs()  # why blobs went: for the uploads log
+        self.table = BlobTable()       # last use, keep marks, totals: eviction
+        self.in_use = collections.Counter()  # sha256 of blobs uploads are naming
+        self.in_flight = 0             # bytes staged by uploads not yet published
+        self.space_lock = threading.Lock()
+        self._free = (0.0, 0, 0)       # (when read, free bytes, floor bytes)
+        self.evictor = None            # the Evictor, once one runs
         self.derived = {}     # sha256 -> sha256 of its decompressed blob
         self.sources = collections.Counter()  # decompressed sha256 -> sources
         self.ready = threading.Event()       # lookups may trust the index
@@ -1848,10 +2106,12 @@ class Store:
 
     # -- lookups -------------------------------------------------------------
 
-    def lookup(self, hexdigest):
+    def lookup(self, hexdigest, refresh=True):
         """sha256 hex of the blob with that digest, or None.
 
-        Raises BadRequest for a string that is not 32, 40, 64 or 128 hex.
+        Before a "no", the other processes' journals are read again (unless
+        ``refresh`` is false: the caller just did).  Raises BadRequest for a
+        string that is not 32, 40, 64 or 128 hex.
         """
         algorithm = LOOKUP_LENGTHS.get(len(hexdigest))
         if algorithm is None or not _HEX.match(hexdigest):
@@ -1868,8 +2128,10 @@ class Store:
             if attempt == 0:
                 if not self.ready.is_set():
                     self.ready.wait(INDEX_WAIT)  # a "no" waits for the whole index
-                else:
+                elif refresh:
                     self.refresh_journals()  # stored by another process?
+                else:
+                    break
         return None
 
     def find_blob(self, prefix):
@@ -1920,6 +2182,41 @@ class Store:
                 self._name_digests.clear()
             self._name_digests[key] = digester.hexdigests()
         return self._name_digests[key]
+
+    def names_by_inode(self, inodes):
+        """{inode: [paths]} of every name (files/, explode/, replica/) whose
+        inode is in ``inodes``: one walk, inode numbers from the directory
+        entries (no stat per name)."""
+        found = collections.defaultdict(list)
+        stack = [os.path.join(self.root, top) for top in ("files", "explode", "replica")]
+        while stack:
+            try:
+                entries = list(os.scandir(stack.pop()))
+            except OSError:
+                continue
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+                elif entry.inode() in inodes and entry.is_file(follow_symlinks=False):
+                    found[entry.inode()].append(entry.path)
+        return found
+
+    def tree_of(self, path):
+        """The explode tree (explode/ab/cd/<sha256>) that ``path`` is in, or None."""
+        parts = self.relpath(path).split("/")
+        if len(parts) > 4 and parts[0] == "explode":
+            return os.path.join(self.root, *parts[:4])
+        return None
+
+    def remove_dangling_links(self):
+        """Remove symlinks in replica/ whose target is gone (a tree or a
+        file evicted or deleted): a link to nothing is no name."""
+        for parent, dirs, files in os.walk(os.path.join(self.root, "replica")):
+            for name in files + dirs:
+                path = os.path.join(parent, name)
+                if os.path.islink(path) and not os.path.exists(path):
+                    _unlink_quietly(path)
+                    self.set_expiry(self.relpath(path), 0)
 
     def blob_name(self, sha256):
         """The file name blob ``sha256`` was last uploaded as, or None."""
@@ -2071,6 +2368,8 @@ class Store:
             except OSError as exc:
                 raise_storage_error(exc)
         self.index.add(digests)
+        self.table.add(sha256, staged.size, utc_now())  # or: used, when it was stored
+        staged.uncharge()
         return BlobInfo(sha256, staged.size, digests, new, self.blob_relpath(sha256))
 
     def _unpublish(self, staged, sha256):
@@ -2245,6 +2544,114 @@ class Store:
         else:
             os.unlink(dest)
 
+    # -- use and space ---------------------------------------------------------
+
+    def touch(self, sha256):
+        """Blob ``sha256`` was used (looked up, downloaded, uploaded again):
+        the last to be evicted.  No disk write (see flush_uses)."""
+        self.table.touch(BlobTable.key(sha256), utc_now())
+
+    def keep(self, sha256, txn):
+        """Never evict blob ``sha256`` (an upload with X-Bucket-Keep)."""
+        if not self.table.is_kept(sha256):
+            self.table.keep(sha256)
+            txn.record("K", sha256)
+
+    def flush_uses(self):
+        """Journal the uses since the last call, one T line per blob used
+        (a restart keeps the eviction order; HEADs cost no disk write)."""
+        dirty = self.table.take_dirty()
+        if dirty:
+            self.journal.write_lines(["T\t%.3f\t%016x\n" % (when, key)
+                                      for key, when in dirty.items()])
+        return len(dirty)
+
+    def space(self, fresh=False):
+        """(free bytes, floor bytes) of ARCHIVE_DIR's filesystem, read at
+        most every SPACE_CACHE seconds unless ``fresh``."""
+        when, free, floor = self._free
+        if fresh or time.monotonic() - when > SPACE_CACHE:
+            st = os.statvfs(self.root)
+            free = st.f_bavail * st.f_frsize
+            floor = self.config.min_free.size or int(
+                st.f_blocks * st.f_frsize * self.config.min_free.percent / 100)
+            self._free = (time.monotonic(), free, floor)
+        return free, floor
+
+    def hard_limit(self):
+        return int(self.config.max_size * HARD_LIMIT_RATIO)
+
+    def charge(self, count):
+        """Count ``count`` more bytes in flight (negative: fewer).  Raises
+        InsufficientStorage (with Retry-After: eviction catches up) when
+        they would take the blobs past the hard limit, or the filesystem
+        under the free-space floor."""
+        with self.space_lock:
+            self.in_flight += count
+            if count <= 0:
+                return
+            when, free, floor = self._free
+            self._free = (when, free - count, floor)  # until it is read again
+            over = self.config.max_size and self.table.bytes + self.in_flight > self.hard_limit()
+        if over:
+            self.wake_evictor()
+            raise InsufficientStorage(
+                "the store is at its size limit (BUCKET_MAX_SIZE %d bytes, evicting); "
+                "nothing of this upload was kept" % self.config.max_size,
+                headers={"Retry-After": str(RETRY_AFTER_EVICTING)})
+        free, floor = self.space()
+        if free < floor:
+            free, floor = self.space(fresh=True)
+            if free < floor:
+                self.wake_evictor()
+                raise self.under_floor(free, floor)
+
+    def check_room(self, length):
+        """Before an upload of ``length`` bytes is read: refuse it
+        (InsufficientStorage) when it is larger than max-size, or would take
+        the blobs past the hard limit or the filesystem under its floor and
+        eviction (run here, for at most SYNC_EVICT_SECONDS) cannot make room."""
+        max_size = self.config.max_size
+        if max_size and length > max_size:
+            raise InsufficientStorage(
+                "an upload of %d bytes is larger than BUCKET_MAX_SIZE (%d bytes): it can "
+                "never be stored" % (length, max_size))
+        deadline = time.monotonic() + SYNC_EVICT_SECONDS
+        while True:
+            stored = self.table.bytes + self.in_flight
+            if max_size and stored + length > max_size:
+                self.wake_evictor()  # over the soft limit: evict in the background
+            over = max_size and stored + length > self.hard_limit()
+            free, floor = self.space(fresh=True)
+            if not over and free - length >= floor:
+                return
+            if not max_size or time.monotonic() > deadline or not self.evict_now(length):
+                break
+        if over:
+            raise InsufficientStorage(
+                "an upload of %d bytes would take the store past its size limit "
+                "(BUCKET_MAX_SIZE %d bytes, holding %d) and eviction cannot make room now"
+                % (length, max_size, stored), headers={"Retry-After": str(RETRY_AFTER_EVICTING)})
+        raise self.under_floor(free - length, floor)
+
+    def wake_evictor(self):
+        if self.evictor is not None:
+            self.evictor.wake()
+
+    def evict_now(self, need):
+        """Evict now for an upload that needs ``need`` bytes of room; False
+        when nothing could be done (no Evictor, or nothing to evict)."""
+        return self.evictor is not None and self.evictor.evict_for(need)
+
+    def under_floor(self, free, floor):
+        """The refusal of an upload that would leave the filesystem under
+        its free-space floor; Retry-After when eviction can make room."""
+        headers = {"Retry-After": str(RETRY_AFTER_EVICTING)} if self.config.max_size else {}
+        return InsufficientStorage(
+            "not enough disk space: the filesystem of ARCHIVE_DIR would have %d bytes "
+            "free, under BUCKET_MIN_FREE (%d bytes); nothing of this upload was kept"
+            % (max(free, 0), floor), headers=headers)
+
     # -- reclaiming ----------------------------------------------------------
 
     def release(self, sha256, reason):
@@ -2271,7 +2678,8 @@ class Store:
             os.rename(path, grave)
         except FileNotFoundError:
             return False
-        if os.stat(grave).st_nlink > 1:
+        st = os.stat(grave)
+        if st.st_nlink > 1:
             try:
                 os.link(grave, path)  # linked meanwhile: it stays
             except FileExistsError:
@@ -2280,8 +2688,9 @@ class Store:
             return False
         os.unlink(grave)
         self.removed.add(sha256, reason)
+        self.table.remove(sha256, st.st_size, utc_now())
         try:
-            self.journal.write("R", sha256, reason)
+            self.journal.write("R", sha256, reason, st.st_size)
         except InsufficientStorage:
             pass  # the blob is gone; a B record without R is only stale
         self.index.forget()
@@ -3131,6 +3540,161 @@ class Sweeper(threading.Thread):
         return expired
 
 
+class Evictor(threading.Thread):
+    """Keeps the store under its limits, evicting least recently used content.
+
+    Wakes every EVICT_INTERVAL seconds, or at once when an upload crosses a
+    limit (``wake``); an upload that needs room now evicts in its own
+    thread (``evict_for``).  Evicts while blobs exceed LOW_WATERMARK of
+    max-size, or the filesystem is under its free-space floor (only with a
+    max-size: a store without one is not a cache, and is never evicted).
+
+    One process evicts at a time: the fcntl lock on ``index/evict.lock``,
+    which the kernel drops with a process that dies.  A batch takes the
+    least recently used blobs that are not kept, not derived from a stored
+    blob (those go with their source), and not being named by an upload of
+    this process, until they add up to what must go; finds every name of
+    them in one walk of files/, replica/ and explode/ (only when one has a
+    name: link count > 1); removes the names -- an explode tree with one of
+    them goes whole -- and then each blob unless a name was linked to it
+    meanwhile (Store._remove_blob re-checks the link count), with its
+    derived blob and tree.  Uploads-log records of evicted content say
+    ``"gone": "evicted"`` (R records).  Also journals the uses (T lines)
+    every USE_FLUSH_SECONDS.
+    """
+
+    def __init__(self, store):
+        super().__init__(name="evictor", daemon=True)
+        self.store = store
+        self.config = store.config
+        self.event = threading.Event()
+        self.stopping = threading.Event()
+        self.lock = threading.Lock()
+        self.lock_path = os.path.join(store.index_dir, "evict.lock")
+        self.evictions = 0
+        self.evicted_bytes = 0
+        store.evictor = self
+
+    def wake(self):
+        self.event.set()
+
+    def run(self):
+        self.store.ready.wait()
+        flushed = time.monotonic()
+        while not self.stopping.is_set():
+            self.event.wait(EVICT_INTERVAL)
+            self.event.clear()
+            try:
+                if time.monotonic() - flushed > USE_FLUSH_SECONDS:
+                    self.store.flush_uses()
+                    flushed = time.monotonic()
+                if self.excess(0) > 0:
+                    self.evict(0)
+            except Exception:  # never let the evictor die silently
+                self.store.log("eviction failed:\n" + traceback.format_exc())
+
+    def stop(self):
+        self.stopping.set()
+        self.event.set()
+
+    def excess(self, need):
+        """Bytes to evict so that ``need`` more bytes fit under the low
+        watermark and above the floor; 0 without a max-size."""
+        max_size = self.config.max_size
+        if not max_size:
+            return 0
+        store = self.store
+        stored = store.table.bytes + store.in_flight + need
+        excess = stored - int(max_size * LOW_WATERMARK) if stored > max_size else 0
+        free, floor = store.space(fresh=True)
+        return max(excess, floor - (free - need))
+
+    def evict_for(self, need):
+        """Evict for an upload waiting for ``need`` bytes of room: True when
+        something was evicted, or another process is evicting (try again)."""
+        return self.evict(need) != 0
+
+    def evict(self, need):
+        """Evict until ``need`` bytes fit: bytes evicted, or -1 when another
+        process holds the eviction lock."""
+        with self.lock:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                try:
+                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    time.sleep(0.1)  # another process evicts: let it work
+                    return -1
+                self.store.refresh_journals()  # its uses, keeps and blobs too
+                total = 0
+                while True:
+                    excess = self.excess(need)
+                    if excess <= 0:
+                        break
+                    freed = self.batch(excess)
+                    if not freed:
+                        break
+                    total += freed
+                return total
+            finally:
+                os.close(fd)  # releases the lock
+
+    def victims(self, excess):
+        """[(last use, sha256, size, link count, inode)] of the blobs to
+        evict, least recently used first, adding up to ``excess`` bytes."""
+        store = self.store
+        skip = {BlobTable.key(sha256) for sha256 in list(store.in_use)}
+        average = store.table.bytes // max(store.table.count, 1) or 1
+        chosen, total = [], 0
+        while total < excess:
+            wanted = min(EVICT_BATCH_MAX, max(EVICT_BATCH, 2 * (excess - total) // average))
+            candidates = store.table.oldest(wanted, skip)
+            if not candidates:
+                break
+            for used, key in candidates:
+                skip.add(key)
+                sha256 = store.find_blob("%016x" % key)
+                if sha256 is None or sha256 in store.sources:
+                    continue  # gone meanwhile; derived blobs go with their source
+                try:
+                    st = os.stat(store.blob_path(sha256))
+                except FileNotFoundError:
+                    continue
+                chosen.append((used, sha256, st.st_size, st.st_nlink, st.st_ino))
+                total += st.st_size
+                if total >= excess:
+                    break
+        return chosen
+
+    def batch(self, excess):
+        """Evict one batch; returns the bytes it freed."""
+        store = self.store
+        victims = self.victims(excess)
+        if not victims:
+            return 0
+        inodes = {ino: sha256 for _, sha256, _, links, ino in victims if links > 1}
+        names = store.names_by_inode(inodes) if inodes else {}
+        freed = count = 0
+        for used, sha256, size, _, ino in victims:
+            for path in names.get(ino, ()):
+                tree = store.tree_of(path)
+                if tree is not None:
+                    store.remove_tree(tree, "evicted")  # never a partial tree
+                else:
+                    store.remove_name(path, "evicted")
+            store.unpin(sha256)
+            if store._remove_blob(sha256, True, "evicted"):
+                freed += size
+                count += 1
+        if inodes:
+            store.remove_dangling_links()
+        self.evictions += count
+        self.evicted_bytes += freed
+        store.log("evicted %d blobs, %d bytes; oldest last use %s" % (
+            count, freed, iso_time(victims[0][0])))
+        return freed
+
+
 # ===========================================================================
 # Uploads log: a record of every upload, per process, read newest first
 # ===========================================================================
@@ -3176,30 +3740,6 @@ def parse_metadata(headers, fields):
     if len(meta) > MAX_META_KEYS:
         raise BadRequest("metadata: %d keys, at most %d" % (len(meta), MAX_META_KEYS))
     return meta
-
-
-def parse_time(text, what):
-    """Epoch seconds of ISO 8601 (UTC unless it says otherwise) or of an
-    epoch number; BadRequest naming ``what`` for anything else."""
-    text = text.strip()
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        moment = datetime.datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
-        raise BadRequest("%s must be ISO 8601 (2026-11-30, 2026-11-30T05:00:00Z) or epoch "
-                         "seconds, got %r" % (what, text[:60]))
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=datetime.timezone.utc)
-    return moment.timestamp()
-
-
-def iso_time(epoch):
-    """UTC ISO 8601 with milliseconds: ``2026-11-30T05:26:56.123Z``."""
-    moment = datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + "%03dZ" % (moment.microsecond // 1000)
 
 
 def record_id(epoch, tag):
@@ -3476,6 +4016,7 @@ class UploadTransaction:
 
     def commit(self, received):
         """The StoredFile of each received file, in order."""
+        self.using = []
         try:
             self.check_names(received)
             with Transaction(self.store) as txn:
@@ -3485,6 +4026,20 @@ class UploadTransaction:
             for item in received.files:
                 if item.staged is not None:
                     item.staged.discard()
+            for sha256 in self.using:
+                self.store.in_use[sha256] -= 1
+                if self.store.in_use[sha256] <= 0:
+                    del self.store.in_use[sha256]
+
+    def _use(self, blob, received, txn):
+        """``blob`` is part of this upload: not evicted while it is named,
+        used now, and kept for good when the upload says X-Bucket-Keep."""
+        store = self.store
+        store.in_use[blob.sha256] += 1
+        self.using.append(blob.sha256)
+        store.touch(blob.sha256)
+        if received.keep:
+            store.keep(blob.sha256, txn)
 
     def check_names(self, received):
         """Refuse before storing anything: a name that exists under
@@ -3508,11 +4063,19 @@ class UploadTransaction:
             head = item.staged.head
         else:
             blob, head = store.stored_blob(item.deploy)
+        self._use(blob, received, txn)
         if not blob.new:  # a new blob got its name when staged
             store.name_blob(blob.sha256, item.filename, txn)
         if item.dest is None:
             store.pin(blob.sha256, received.retain_until, txn)
         expansion = self.expander.expand(blob, head, item.filename, txn)
+        if expansion.decompressed:
+            self._use(expansion.decompressed.blob, received, txn)
+        if expansion.tree and (expansion.tree.existing or received.keep):
+            for member in expansion.tree.files:  # a tree is used (and kept) whole
+                if "checksums" in member:
+                    self._use(BlobInfo(member["checksums"]["sha256"], member["size"],
+                                       member["checksums"], False, None), received, txn)
         name, replicas, skipped = None, [], []
         if item.dest is not None:
             previous = store.link_name(blob, item.dest, received.exclusive, item.staged, txn)
@@ -4214,13 +4777,14 @@ class Handler(BaseHTTPRequestHandler):
                 "uploads": "get_uploads",
                 "files": "get_path", "explode": "get_path", "replica": "get_path",
                 "config": "get_config", "healthz": "get_health", "metrics": "get_metrics"},
-        "POST": {"upload": "post_upload", "files": "post_files"},
+        "POST": {"upload": "post_upload", "files": "post_files", "checksum": "post_checksum"},
         "PUT": {"upload": "put_upload", "files": "put_files"},
         "DELETE": {"files": "delete_path", "replica": "delete_path",
                    "checksum": "delete_checksum"},
     }
     ROUTES["HEAD"] = ROUTES["GET"]
     OPEN_ROUTES = ("get_health",)  # answered without the read token
+    READ_ROUTES = ("post_checksum",)  # POSTs that only read: the read token will do
 
     def dispatch(self):
         self.server.busy_change(+1)
@@ -4265,7 +4829,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def authorize(self, route):
         server = self.server
-        write = self.command in ("POST", "PUT", "DELETE")
+        write = self.command in ("POST", "PUT", "DELETE") and route not in self.READ_ROUTES
         tokens = [server.token] if write else [server.read_token, server.token]
         if not (server.token if write else server.read_token) or route in self.OPEN_ROUTES:
             return
@@ -4354,8 +4918,11 @@ class Handler(BaseHTTPRequestHandler):
 
     # -- request bodies ------------------------------------------------------
 
-    def open_body(self, required=True):
-        """The request's BodyReader; refuses bad framing and oversize bodies."""
+    def open_body(self, required=True, limit=None, upload=True):
+        """The request's BodyReader; refuses bad framing and oversize bodies
+        (over ``limit``, default MAX_CONTENT_LENGTH), and for an ``upload``
+        of a known length one the store has no room for (Store.check_room),
+        all before the body is read."""
         if self.body is not None:
             return self.body
         expect = self.headers.get("expect")
@@ -4363,7 +4930,8 @@ class Handler(BaseHTTPRequestHandler):
             raise ExpectationFailed("unsupported Expect: %s" % expect)
         encoding = self.headers.get("transfer-encoding", "").strip().lower()
         length_text = self.headers.get("content-length")
-        limit = self.server.config.max_content_length
+        if limit is None:
+            limit = self.server.config.max_content_length
         if encoding and length_text is not None:
             raise BadRequest("both Transfer-Encoding and Content-Length sent")
         if encoding and encoding != "chunked":
@@ -4374,8 +4942,10 @@ class Handler(BaseHTTPRequestHandler):
                 raise BadRequest("bad Content-Length %r" % length_text[:40])
             length = int(length_text)
             if limit and length > limit:
-                raise TooLarge("request body of %d bytes is over MAX_CONTENT_LENGTH "
-                               "(%d bytes)" % (length, limit))
+                raise TooLarge("request body of %d bytes is over %s (%d bytes)" % (
+                    length, "MAX_CONTENT_LENGTH" if upload else "the limit", limit))
+            if upload:
+                self.server.store.check_room(length)
         elif not encoding and required:
             raise LengthRequired("send Content-Length or Transfer-Encoding: chunked")
         self.body = BodyReader(self.rfile, length, chunked=bool(encoding), limit=limit,
@@ -4405,9 +4975,13 @@ class Handler(BaseHTTPRequestHandler):
 
     def route_get_health(self):
         store = self.server.store
-        self.send_json(200, {"status": "ok", "index_ready": store.ready.is_set(),
+        free, floor = store.space()
+        self.send_json(200, {"status": "degraded" if free < floor else "ok",
+                             "index_ready": store.ready.is_set(),
                              "reconciled": store.reconciled.is_set(),
-                             "blobs": len(store.index)})
+                             "blobs": store.table.count, "stored_bytes": store.table.bytes,
+                             "max_size": store.config.max_size, "free_bytes": free,
+                             "min_free_bytes": floor})
 
     def route_get_metrics(self):
         self.send(200, self.server.metrics().encode(), "text/plain; version=0.0.4")
@@ -4423,6 +4997,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def route_get_checksum(self):
         sha256 = self.blob_for_digest()
+        self.server.store.touch(sha256)
         path = self.server.store.blob_path(sha256)
         if self.command == "HEAD":
             # Content-Length 0: the original `curl -X HEAD` reads that many bytes.
@@ -4440,6 +5015,41 @@ class Handler(BaseHTTPRequestHandler):
         store = self.server.store
         name = self.query.get("name") or store.blob_name(sha256) or sha256
         self.send_file(path, sha256, name, store.pins.until.get(sha256))
+
+    def route_post_checksum(self):
+        """The batch lookup: {"digests": [hex, ...]} -> which are stored."""
+        if self.rest.strip("/"):
+            raise NotFound("POST /checksum takes no path: the digests go in the body")
+        body = self.open_body(limit=MAX_BATCH_BODY, upload=False)
+        data = b"".join(iter(lambda: body.read(CHUNK_SIZE), b""))
+        try:
+            digests = json.loads(data.decode("utf-8")).get("digests")
+        except (ValueError, AttributeError):
+            raise BadRequest('POST /checksum needs a JSON object {"digests": ["<hex>", ...]}')
+        if not isinstance(digests, list) or not all(isinstance(d, str) for d in digests):
+            raise BadRequest('"digests" must be a list of hex strings')
+        if len(digests) > MAX_BATCH_DIGESTS:
+            raise BadRequest("%d digests: at most %d in one request"
+                             % (len(digests), MAX_BATCH_DIGESTS))
+        store = self.server.store
+        store.ready.wait(INDEX_WAIT)
+        store.refresh_journals()  # once for the batch, not once per "no"
+        present, missing = {}, []
+        for position, hexdigest in enumerate(digests):
+            try:
+                sha256 = store.lookup(hexdigest.strip(), refresh=False)
+            except BadRequest as exc:
+                raise BadRequest("digests[%d]: %s" % (position, exc.message))
+            try:
+                size = sha256 and os.stat(store.blob_path(sha256)).st_size
+            except FileNotFoundError:
+                sha256 = None  # removed meanwhile
+            if sha256:
+                present[hexdigest] = {"sha256": sha256, "size": size}
+                store.touch(sha256)
+            else:
+                missing.append(hexdigest)
+        self.send_json(200, {"missing": missing, "present": present})
 
     # -- the uploads log -------------------------------------------------------
 
@@ -4712,8 +5322,9 @@ class Handler(BaseHTTPRequestHandler):
             return
         name = segments[-1] if segments else top
         store = self.server.store
-        self.send_file(path, store.name_sha256(path), name,
-                       store.expiries.get("/".join([top] + segments)))
+        sha256 = store.name_sha256(path)
+        store.touch(sha256)
+        self.send_file(path, sha256, name, store.expiries.get("/".join([top] + segments)))
 
     def send_file(self, path, sha256, name, expires=None):
         """A file with ETag, Last-Modified, conditional requests and Range;
@@ -5050,9 +5661,25 @@ class BucketServer(ThreadingHTTPServer):
                   "# TYPE http_bucket_connections gauge",
                   "http_bucket_connections %d" % self.active,
                   "# TYPE http_bucket_blobs gauge",
-                  "http_bucket_blobs %d" % len(self.store.index),
+                  "http_bucket_blobs %d" % self.store.table.count,
                   "# TYPE http_bucket_index_ready gauge",
                   "http_bucket_index_ready %d" % self.store.ready.is_set()]
+        store = self.store
+        free, floor = store.space()
+        evictor = store.evictor
+        for name, kind, value, text in (
+                ("stored_bytes", "gauge", store.table.bytes, "bytes of all blobs"),
+                ("max_size_bytes", "gauge", store.config.max_size,
+                 "BUCKET_MAX_SIZE (0: no cap)"),
+                ("free_bytes", "gauge", free, "free bytes of ARCHIVE_DIR's filesystem"),
+                ("min_free_bytes", "gauge", floor, "the free-space floor (BUCKET_MIN_FREE)"),
+                ("evictions_total", "counter", evictor.evictions if evictor else 0,
+                 "blobs evicted by this process"),
+                ("evicted_bytes_total", "counter", evictor.evicted_bytes if evictor else 0,
+                 "bytes evicted by this process")):
+            lines += ["# HELP http_bucket_%s %s" % (name, text),
+                      "# TYPE http_bucket_%s %s" % (name, kind),
+                      "http_bucket_%s %d" % (name, value)]
         return "\n".join(lines) + "\n"
 
 
@@ -5075,8 +5702,8 @@ def build_parser():
                "'user/${Username}/${Topic}', filled from request headers. "
                "HTTP_BUCKET_NO_MAGIC=1 ignores python-magic.")
     for setting in SETTINGS:
-        help_text = "%s [%s] (default: %s)" % (setting.help, setting.env,
-                                              setting.default or "none")
+        help_text = ("%s [%s] (default: %s)" % (setting.help, setting.env,
+                                               setting.default or "none")).replace("%", "%%")
         if setting.flags == ("port",):
             parser.add_argument("port", nargs="?", metavar="PORT", help=help_text)
         else:
@@ -5222,9 +5849,12 @@ def main(argv=None):
     if not config.token and host not in ("127.0.0.1", "::1", "localhost"):
         log("warning: listening beyond loopback without BUCKET_TOKEN: anyone who "
             "reaches this port can write and delete")
+    log_space(store, log)
     threading.Thread(target=store.journals.load, name="index-load", daemon=True).start()
     sweeper = Sweeper(store, config.sweep_interval)
     sweeper.start()
+    evictor = Evictor(store)
+    evictor.start()
     stopping = threading.Event()
 
     def on_signal(signum, frame):
@@ -5242,9 +5872,29 @@ def main(argv=None):
         while server.busy() and time.monotonic() < deadline:
             time.sleep(0.05)
         sweeper.stopping.set()
+        evictor.stop()
+        try:
+            store.flush_uses()  # the eviction order survives the restart
+        except BucketError as exc:
+            log("could not journal the last uses: %s" % exc.message)
         store.journal.close()
         log("stopped")
     return 0
+
+
+def log_space(store, log):
+    """The startup lines about space: limits, free space and inodes."""
+    config = store.config
+    st = os.statvfs(store.root)
+    free, floor = store.space(fresh=True)
+    log("filesystem of %s: %s free of %s, %d of %d inodes free; keeping %s free (BUCKET_MIN_FREE)%s"
+        % (store.root, human_bytes(free), human_bytes(st.f_blocks * st.f_frsize),
+           st.f_favail, st.f_files, human_bytes(floor),
+           "; blobs capped at %s (BUCKET_MAX_SIZE)" % human_bytes(config.max_size)
+           if config.max_size else ""))
+    if free < floor:
+        log("warning: the filesystem is under its free-space floor: uploads are refused "
+            "(507) until there is room%s" % (" or eviction makes some" if config.max_size else ""))
 
 
 if __name__ == "__main__":
