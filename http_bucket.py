@@ -2588,10 +2588,10 @@ class Store:
         under the free-space floor."""
         with self.space_lock:
             self.in_flight += count
-            if count <= 0:
-                return
             when, free, floor = self._free
             self._free = (when, free - count, floor)  # until it is read again
+            if count <= 0:
+                return
             over = self.config.max_size and self.table.bytes + self.in_flight > self.hard_limit()
         if over:
             self.wake_evictor()
@@ -2616,6 +2616,8 @@ class Store:
             raise InsufficientStorage(
                 "an upload of %d bytes is larger than BUCKET_MAX_SIZE (%d bytes): it can "
                 "never be stored" % (length, max_size))
+        if max_size:
+            self.refresh_journals()  # what other processes stored counts too
         deadline = time.monotonic() + SYNC_EVICT_SECONDS
         while True:
             stored = self.table.bytes + self.in_flight
@@ -3674,7 +3676,7 @@ class Evictor(threading.Thread):
             return 0
         inodes = {ino: sha256 for _, sha256, _, links, ino in victims if links > 1}
         names = store.names_by_inode(inodes) if inodes else {}
-        freed = count = 0
+        before = (store.table.bytes, store.table.count)
         for used, sha256, size, _, ino in victims:
             for path in names.get(ino, ()):
                 tree = store.tree_of(path)
@@ -3683,11 +3685,11 @@ class Evictor(threading.Thread):
                 else:
                     store.remove_name(path, "evicted")
             store.unpin(sha256)
-            if store._remove_blob(sha256, True, "evicted"):
-                freed += size
-                count += 1
+            store._remove_blob(sha256, True, "evicted")
         if inodes:
             store.remove_dangling_links()
+        # What went: the victims, and what went with them (trees, derived).
+        freed, count = before[0] - store.table.bytes, before[1] - store.table.count
         self.evictions += count
         self.evicted_bytes += freed
         store.log("evicted %d blobs, %d bytes; oldest last use %s" % (
@@ -4402,6 +4404,15 @@ def file_receipt(stored, url):
     return entry
 
 
+def stored_anything(stored):
+    """True when a StoredFile made something new: its blob, a name, a
+    decompressed blob or a tree (201 Created; else 200 OK)."""
+    expansion = stored.expansion
+    return bool(stored.blob.new or stored.name
+                or (expansion.tree and not expansion.tree.existing)
+                or (expansion.decompressed and expansion.decompressed.blob.new))
+
+
 def upload_receipt(status, stored, url, checksum_type):
     """The JSON answer to an upload: every file, and the original
     server's "checksum" and "path" keys for the first one."""
@@ -4975,7 +4986,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def route_get_health(self):
         store = self.server.store
-        free, floor = store.space()
+        free, floor = store.space(fresh=True)
         self.send_json(200, {"status": "degraded" if free < floor else "ok",
                              "index_ready": store.ready.is_set(),
                              "reconciled": store.reconciled.is_set(),
@@ -5278,7 +5289,7 @@ class Handler(BaseHTTPRequestHandler):
         for item in stored:
             server.log_event("stored", name=item.filename, sha256=item.blob.sha256,
                              size=item.blob.size, stored="new" if item.blob.new else "existing")
-        status = 201 if any(item.blob.new or item.name for item in stored) else 200
+        status = 201 if any(stored_anything(item) for item in stored) else 200
         headers = {"Location": server.url(stored[0].name)} if stored[0].name else {}
         receipt = upload_receipt(status, stored, server.url, server.config.checksum_type)
         if self.wants_html():
