@@ -85,11 +85,11 @@ MB = 1000 * 1000
 # inodes deleted in the last minutes (recently_deleted in the kernel's
 # profile), so every store of many files is deleted only at the very end.
 SECTIONS = ("ceilings", "upload", "small", "head", "download", "scaling", "archives",
-            "listing", "uploads", "peers", "startup")
+            "listing", "uploads", "limits", "peers", "startup")
 LETTERS = {"a": ("ceilings",), "b": ("upload",), "c": ("small",), "d": ("head",),
            "e": ("download",), "f": ("startup",), "g": ("upload", "small"),
            "s": ("scaling",), "x": ("archives",), "l": ("listing",), "p": ("peers",),
-           "u": ("uploads",)}
+           "u": ("uploads",), "m": ("limits",)}
 
 # Sizes of a full run and of a --quick smoke run.
 FULL = dict(hash_bytes=512 * MiB, disk_bytes=1 * GiB, loopback_bytes=1 * GiB,
@@ -98,14 +98,14 @@ FULL = dict(hash_bytes=512 * MiB, disk_bytes=1 * GiB, loopback_bytes=1 * GiB,
             scaling_uploads=256, scaling_size=1 * MiB,
             zip_members=10000, tgz_bytes=1 * GiB, bomb_bytes=1 * GiB,
             listing_entries=100000, peer_small_count=2000, peer_big_bytes=512 * MiB,
-            uploads_records=1000000)
+            uploads_records=1000000, limits_uploads=6000, table_blobs=1000000)
 QUICK = dict(hash_bytes=64 * MiB, disk_bytes=128 * MiB, loopback_bytes=256 * MiB,
              big_bytes=128 * MiB, small_count=400, small_size=16 * 1024,
              head_seconds=2, startup_counts=(10000,),
              scaling_uploads=64, scaling_size=1 * MiB,
              zip_members=1000, tgz_bytes=64 * MiB, bomb_bytes=256 * MiB,
              listing_entries=10000, peer_small_count=800, peer_big_bytes=128 * MiB,
-            uploads_records=100000)
+            uploads_records=100000, limits_uploads=2000, table_blobs=100000)
 
 SERVER_START_TIMEOUT = 30.0   # seconds until /healthz answers
 CURL_TIMEOUT = 300            # seconds for one 1 GiB transfer
@@ -1412,6 +1412,61 @@ def bench_small(ctx):
         if ceiling and figures.median("small_" + mode):
             figures.note("small_" + mode, "%.2f × small-file ceiling"
                          % (figures.median("small_" + mode) / ceiling))
+
+
+LIMIT_SIZE = 16 * MiB   # --max-size of the steady-state store: 1,000 small blobs
+
+
+def table_bytes_per_blob(count):
+    """Bytes a blob of the eviction's table (last use, keep mark) costs:
+    ``count`` blobs added the way the journal replay adds them, merged,
+    measured with tracemalloc (peak during the build, and what stays)."""
+    import tracemalloc
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import http_bucket
+    tracemalloc.start()
+    table = http_bucket.BlobTable()
+    for number in range(count):
+        table.add(hashlib.sha256(b"%d" % number).hexdigest(), 16384, 1796000000.0 + number)
+    with table.lock:
+        table._merge()
+    current, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return current / count, peak / count
+
+
+def bench_limits(ctx):
+    """Uploads at steady state with --max-size (every upload makes the store
+    evict) against no cap, interleaved; and the memory of use tracking."""
+    figures, sizes = ctx.figures, ctx.sizes
+    count, size = sizes["limits_uploads"], sizes["small_size"]
+    figures.define("limits_nocap", "%d distinct %d KiB PUTs, no cap, 8 connections"
+                   % (count, size // 1024), "uploads/s")
+    figures.define("limits_capped", "the same with --max-size %d MiB (evicting all along)"
+                   % (LIMIT_SIZE // MiB), "uploads/s")
+    figures.define("limits_ratio", "uploads/s with the cap / without, same run", "×", digits=2)
+    figures.define("limits_table_bytes", "use tracking per blob (%d blobs, tracemalloc)"
+                   % sizes["table_blobs"], "B/blob", digits=1)
+    for run in range(ctx.runs):
+        rates = {}
+        for key, extra in (("limits_nocap", ()), ("limits_capped",
+                                                   ("--max-size", str(LIMIT_SIZE)))):
+            server = ctx.servers.start(label=key, extra_args=extra)
+            try:
+                if extra:  # fill to the cap first: the measured uploads all evict
+                    load_uploads(ctx, server, "put", LIMIT_SIZE // size, size, 8)
+                load = load_uploads(ctx, server, "put", count, size, 8)
+                health = server.healthz()
+            finally:
+                ctx.servers.stop(server, remove_dir=False)
+            rates[key] = load.rate
+            figures.add(key, load.rate, failed=load.failed, stored_bytes=health["stored_bytes"])
+            log("run %d %s: %.0f uploads/s (%d failed), %d bytes stored"
+                % (run + 1, key, load.rate, load.failed, health["stored_bytes"]))
+        figures.add("limits_ratio", rates["limits_capped"] / rates["limits_nocap"])
+    current, peak = table_bytes_per_blob(sizes["table_blobs"])
+    figures.add("limits_table_bytes", current)
+    figures.note("limits_table_bytes", "peak while built %.1f B/blob" % peak)
 
 
 def bench_scaling(ctx):

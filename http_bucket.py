@@ -2593,6 +2593,9 @@ class Store:
             if count <= 0:
                 return
             over = self.config.max_size and self.table.bytes + self.in_flight > self.hard_limit()
+        if over:  # evict here once (or wait for the eviction under way), then look again
+            self.evict_now(0)
+            over = self.table.bytes + self.in_flight > self.hard_limit()
         if over:
             self.wake_evictor()
             raise InsufficientStorage(
@@ -2619,6 +2622,7 @@ class Store:
         if max_size:
             self.refresh_journals()  # what other processes stored counts too
         deadline = time.monotonic() + SYNC_EVICT_SECONDS
+        evicted = True
         while True:
             stored = self.table.bytes + self.in_flight
             if max_size and stored + length > max_size:
@@ -2627,8 +2631,9 @@ class Store:
             free, floor = self.space(fresh=True)
             if not over and free - length >= floor:
                 return
-            if not max_size or time.monotonic() > deadline or not self.evict_now(length):
-                break
+            if not max_size or not evicted or time.monotonic() > deadline:
+                break  # looked again after an eviction that could do nothing
+            evicted = self.evict_now(length)
         if over:
             raise InsufficientStorage(
                 "an upload of %d bytes would take the store past its size limit "
