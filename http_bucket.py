@@ -204,15 +204,17 @@ class BucketError(Exception):
     """A refusal for the client: ``status`` and a message saying why.
 
     ``headers`` travel with the response (``Allow``, ``WWW-Authenticate``,
-    ``Retry-After``).
+    ``Retry-After``); ``extra`` are more members of the JSON body (the
+    RFC 9457 problem type and details of a resumable upload's refusal).
     """
 
     status = 500
 
-    def __init__(self, message, headers=None):
+    def __init__(self, message, headers=None, extra=None):
         super().__init__(message)
         self.message = message
         self.headers = headers or {}
+        self.extra = extra or {}
 
 
 class BadRequest(BucketError):
@@ -253,6 +255,14 @@ class UnsupportedMediaType(BucketError):
 
 class RangeNotSatisfiable(BucketError):
     status = 416
+
+
+class Gone(BucketError):
+    status = 410
+
+
+class Locked(BucketError):
+    status = 423
 
 
 class URITooLong(BucketError):
@@ -679,6 +689,9 @@ SETTINGS = [
     Setting("min_free", ("--min-free",), "BUCKET_MIN_FREE", "5%", _min_free, "BYTES|PCT",
             "free space kept on the filesystem of ARCHIVE_DIR: uploads that would "
             "go below it are refused (507)", False),
+    Setting("resumable_max_age", ("--resumable-max-age",), "BUCKET_RESUMABLE_MAX_AGE", "86400",
+            _positive_float, "SECONDS", "an unfinished resumable upload idle this long is "
+            "removed", False),
     Setting("retain_days", ("--retain-days",), "BUCKET_RETAIN_DAYS", "0",
             _non_negative_float, "DAYS", "default retention of uploads and "
             "names; 0 = keep forever", False),
@@ -1100,9 +1113,11 @@ class Digester:
     stops the threads (safe to call twice).
     """
 
-    def __init__(self, algorithms):
-        self.hashes = {name: hashlib.new(name) for name in algorithms}
-        self.size = 0
+    def __init__(self, algorithms, hashes=None, size=0):
+        """New digests of ``algorithms``; or, with ``hashes`` (hashlib
+        objects that already took ``size`` bytes), the same stream resumed."""
+        self.hashes = hashes or {name: hashlib.new(name) for name in algorithms}
+        self.size = size
         self._queues = None
         self._threads = ()
 
@@ -1181,16 +1196,25 @@ class StagedBlob:
 
     SNIFF_BYTES = 4096
 
-    def __init__(self, store, filename="upload"):
+    def __init__(self, store, filename="upload", path=None, digester=None):
+        """A new file in staging; or, with ``path``, an existing one written
+        on at its end (a resumable upload's data, hashed so far by
+        ``digester``, whose size must be the file's)."""
         self.store = store
         self.filename = filename
-        self.path = os.path.join(store.staging_dir, "up-" + secrets.token_hex(8))
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        self.digester = Digester(store.algorithms)
-        self.head = b""
         self.digests = None
-        self.size = 0
         self.charged = 0  # bytes counted in Store.in_flight
+        if path is None:
+            self.path = os.path.join(store.staging_dir, "up-" + secrets.token_hex(8))
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            self.head, self.size = b"", 0
+        else:
+            self.path = path
+            with open(path, "rb") as handle:
+                self.head = handle.read(self.SNIFF_BYTES)
+            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+            self.size = os.fstat(self.fd).st_size
+        self.digester = digester or Digester(store.algorithms)
 
     def write(self, data):
         """Hash and write ``data``.  Raises InsufficientStorage when it
@@ -1230,6 +1254,23 @@ class StagedBlob:
             os.close(self.fd)
             self.fd = None
         return self.digests
+
+    def suspend(self):
+        """Stop writing but keep the file (a resumable upload cut or paused):
+        it is fsynced, and its Digester (which has hashed every byte of it)
+        is returned to hash the rest later."""
+        try:
+            if self.store.config.fsync:
+                os.fsync(self.fd)
+        except OSError:
+            pass  # the size read back later says what is there
+        finally:
+            os.close(self.fd)
+            self.fd = None
+            self.uncharge()
+        digester, self.digester = self.digester, None
+        digester.close()
+        return digester
 
     def uncharge(self):
         """Its bytes no longer count as in flight (published, or gone)."""
@@ -2064,6 +2105,8 @@ class Store:
         self.space_lock = threading.Lock()
         self._free = (0.0, 0, 0)       # (when read, free bytes, floor bytes)
         self.evictor = None            # the Evictor, once one runs
+        self.resumables = None         # the Resumables, once they are set up
+        self.partial = (0, 0)          # (partial uploads, bytes), see partial_changed
         self.derived = {}     # sha256 -> sha256 of its decompressed blob
         self.sources = collections.Counter()  # decompressed sha256 -> sources
         self.ready = threading.Event()       # lookups may trust the index
@@ -2578,6 +2621,11 @@ class Store:
             self._free = (time.monotonic(), free, floor)
         return free, floor
 
+    def used_bytes(self):
+        """What counts against max-size: blobs, uploads in flight here, and
+        partial (resumable) uploads."""
+        return self.table.bytes + self.in_flight + self.partial[1]
+
     def hard_limit(self):
         return int(self.config.max_size * HARD_LIMIT_RATIO)
 
@@ -2592,10 +2640,10 @@ class Store:
             self._free = (when, free - count, floor)  # until it is read again
             if count <= 0:
                 return
-            over = self.config.max_size and self.table.bytes + self.in_flight > self.hard_limit()
+            over = self.config.max_size and self.used_bytes() > self.hard_limit()
         if over:  # evict here once (or wait for the eviction under way), then look again
             self.evict_now(0)
-            over = self.table.bytes + self.in_flight > self.hard_limit()
+            over = self.used_bytes() > self.hard_limit()
         if over:
             self.wake_evictor()
             raise InsufficientStorage(
@@ -2624,7 +2672,7 @@ class Store:
         deadline = time.monotonic() + SYNC_EVICT_SECONDS
         evicted = True
         while True:
-            stored = self.table.bytes + self.in_flight
+            stored = self.used_bytes()
             if max_size and stored + length > max_size:
                 self.wake_evictor()  # over the soft limit: evict in the background
             over = max_size and stored + length > self.hard_limit()
@@ -2640,6 +2688,13 @@ class Store:
                 "(BUCKET_MAX_SIZE %d bytes, holding %d) and eviction cannot make room now"
                 % (length, max_size, stored), headers={"Retry-After": str(RETRY_AFTER_EVICTING)})
         raise self.under_floor(free - length, floor)
+
+    def partial_changed(self):
+        """Count the partial uploads again (all processes' ones: a listing
+        of resumable/ and a stat each); their bytes count against the
+        limits like blobs."""
+        if self.resumables is not None:
+            self.partial = self.resumables.totals()
 
     def wake_evictor(self):
         if self.evictor is not None:
@@ -3544,6 +3599,13 @@ class Sweeper(threading.Thread):
                 store.unpin(sha256)
                 store.release(sha256, "expired")
                 expired += 1
+        if store.resumables is not None:  # unfinished uploads idle past their max-age
+            removed = store.resumables.sweep(now)
+            if removed:
+                store.partial_changed()
+                store.log("removed %d unfinished resumable uploads idle over %g s"
+                          % (removed, store.resumables.max_age))
+            expired += removed
         return expired
 
 
@@ -3611,7 +3673,7 @@ class Evictor(threading.Thread):
         if not max_size:
             return 0
         store = self.store
-        stored = store.table.bytes + store.in_flight + need
+        stored = store.used_bytes() + need
         excess = stored - int(max_size * LOW_WATERMARK) if stored > max_size else 0
         free, floor = store.space(fresh=True)
         return max(excess, floor - (free - need))
@@ -3633,6 +3695,7 @@ class Evictor(threading.Thread):
                     time.sleep(0.1)  # another process evicts: let it work
                     return -1
                 self.store.refresh_journals()  # its uses, keeps and blobs too
+                self.store.partial_changed()
                 total = 0
                 while True:
                     excess = self.excess(need)
@@ -4115,6 +4178,258 @@ class UploadTransaction:
         rid = self.uploads_log.append(record)
         txn.on_undo(self.uploads_log.withdraw, rid, record)
         return stored._replace(record=rid)
+
+
+# ===========================================================================
+# Resumable uploads: partial uploads on disk (IETF resumable-upload draft)
+# ===========================================================================
+
+RESUMABLE_VERSIONS = range(5, 11)   # Upload-Draft-Interop-Version understood:
+                                    # 5-6 drafts -03..-05 (tus-js-client), 7
+                                    # -06..-08, 8 -09..-11, 9 -12, 10 -13
+PARTIAL_UPLOAD = "application/partial-upload"  # Content-Type of an append
+PROBLEM = "https://iana.org/assignments/http-problem-types#"  # RFC 9457 types
+RESUMABLE_WAIT = 10.0               # seconds a request on an upload waits for
+                                    # the one before it (ended at once in this
+                                    # process; in another, by its end or cut)
+RESUMABLE_TOKEN = re.compile(r"^[A-Za-z0-9_-]{32}$")  # 24 random bytes
+RESUMABLE_KEPT_HEADERS = ("authorization", "cookie", "proxy-authorization")  # never stored
+
+
+def sf_boolean(value):
+    """An RFC 9651 boolean (``?1``/``?0``) -> True/False; None for anything
+    else (the draft: other values make the whole field ignored)."""
+    return {"?1": True, "?0": False}.get((value or "").strip())
+
+
+def sf_integer(value, header):
+    """A non-negative RFC 9651 integer (at most 15 digits); None when the
+    header is absent; BadRequest naming it when it is not one."""
+    if value is None:
+        return None
+    value = value.strip()
+    if not value.isdigit() or len(value) > 15:
+        raise BadRequest("%s must be a non-negative integer, got %r" % (header, value[:40]))
+    return int(value)
+
+
+def inconsistent_length(message):
+    """400 with the draft's problem type for lengths that do not agree."""
+    return BadRequest(message, extra={"type": PROBLEM + "inconsistent-upload-length",
+                                      "title": "inconsistent length values for upload"})
+
+
+def upload_completed(version, with_content=False):
+    """An append to a completed upload: 400 when it carries bytes (a length
+    failure), else 410 Gone (400 for drafts up to -05, interop 6)."""
+    if with_content:
+        return inconsistent_length("the upload is complete: nothing more can be appended")
+    problem = {"type": PROBLEM + "completed-upload", "title": "upload is already completed"}
+    if version is not None and version <= 6:
+        return BadRequest("the upload is already complete", extra=problem)
+    return Gone("the upload is already complete", extra=problem)
+
+
+class PartialUpload:
+    """One resumable upload: the directory ``resumable/<token>/``.
+
+    ``info.json``: what the creating request asked for, written once
+    (atomically): the name and target, retention, metadata, keep, the
+    digests it stated for the whole representation, the headers replica
+    templates read, the length once known.  ``data``: the bytes received so
+    far (its size is the offset; its mtime the last activity).  ``lock``:
+    held (fcntl) while a request appends, so one request at a time in all
+    processes.  ``done.json``: the receipt, once complete.
+    """
+
+    def __init__(self, root, token):
+        self.token = token
+        self.directory = os.path.join(root, token)
+        self.data_path = os.path.join(self.directory, "data")
+        self.info_path = os.path.join(self.directory, "info.json")
+        self.done_path = os.path.join(self.directory, "done.json")
+        self.lock_fd = None
+
+    @classmethod
+    def create(cls, root, info):
+        upload = cls(root, secrets.token_urlsafe(24))
+        try:
+            os.mkdir(upload.directory, 0o700)
+            upload.write_info(info)
+            os.close(os.open(upload.data_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except OSError as exc:
+            shutil.rmtree(upload.directory, ignore_errors=True)
+            raise_storage_error(exc)
+        return upload
+
+    def write_info(self, info):
+        replace_atomically(self.info_path, lambda path: _write_json(path, info))
+
+    def info(self):
+        with open(self.info_path, encoding="utf-8") as handle:
+            return json.load(handle)
+
+    def offset(self):
+        try:
+            return os.stat(self.data_path).st_size
+        except FileNotFoundError:
+            return None  # complete (or being removed)
+
+    def last_active(self):
+        for path in (self.data_path, self.done_path, self.info_path):
+            try:
+                return os.stat(path).st_mtime
+            except FileNotFoundError:
+                continue
+        return 0.0
+
+    def done(self):
+        """The receipt of the completed upload, or None."""
+        try:
+            with open(self.done_path, encoding="utf-8") as handle:
+                return json.load(handle)
+        except (OSError, ValueError):
+            return None
+
+    def acquire(self, wait):
+        """Take the lock (waiting up to ``wait`` s); Locked when another
+        request holds it still."""
+        fd = os.open(os.path.join(self.directory, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self.lock_fd = fd
+                return
+            except OSError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise Locked("another request is appending to this upload; try again",
+                                 headers={"Retry-After": "1"})
+                time.sleep(0.05)
+
+    def release(self):
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)  # drops the lock
+            self.lock_fd = None
+
+    def remove(self):
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _write_json(path, value):
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(value, handle, ensure_ascii=False)
+
+
+class Resumables:
+    """The partial uploads in ``resumable/`` and what this process keeps of
+    them in memory: the hash state of the uploads it appended to last
+    (``Digester`` objects, so the digests of the whole representation are
+    computed once; another process, or this one after a restart, hashes the
+    data file again instead), and the connection appending to each upload
+    now (a new request on the same upload ends it, as the draft advises).
+    """
+
+    def __init__(self, store, max_age):
+        self.store = store
+        self.root = os.path.join(store.root, "resumable")
+        makedirs(self.root)
+        self.max_age = max_age
+        self.states = {}      # token -> Digester, its size the offset it hashed
+        self.active = {}      # token -> the connection appending now
+        self.lock = threading.Lock()
+        self.expired = 0      # removed by the sweep, for /metrics
+        store.resumables = self
+        store.partial_changed()
+
+    def find(self, token):
+        """The PartialUpload of ``token``; NotFound for a malformed, unknown
+        or expired one."""
+        if not RESUMABLE_TOKEN.match(token or ""):
+            raise NotFound("no such upload")
+        upload = PartialUpload(self.root, token)
+        if not os.path.isdir(upload.directory) or self.expires(upload) <= utc_now():
+            raise NotFound("no such upload (unknown, cancelled or expired)")
+        return upload
+
+    def expires(self, upload):
+        return upload.last_active() + self.max_age
+
+    def begin(self, upload, connection):
+        """Become the one request on ``upload``: end the request appending
+        to it in this process (its connection shut: it keeps what it got),
+        then take the upload's lock.  Call ``end`` after."""
+        with self.lock:
+            previous = self.active.get(upload.token)
+        if previous is not None:
+            try:
+                previous.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        upload.acquire(RESUMABLE_WAIT)
+        with self.lock:
+            self.active[upload.token] = connection
+
+    def end(self, upload, connection):
+        with self.lock:
+            if self.active.get(upload.token) is connection:
+                del self.active[upload.token]
+        upload.release()
+
+    def digester(self, upload, algorithms):
+        """A Digester that has hashed the upload's data so far: the one kept
+        in memory when it is still right, else made by reading the file."""
+        offset = upload.offset()
+        with self.lock:
+            kept = self.states.pop(upload.token, None)
+        if kept is not None and kept.size == offset and set(kept.hashes) == set(algorithms):
+            return kept
+        digester = Digester(algorithms)
+        with open(upload.data_path, "rb") as handle:
+            for data in iter(lambda: handle.read(CHUNK_SIZE), b""):
+                digester.update(data)
+        digester.close()
+        return digester
+
+    def keep_state(self, upload, digester):
+        with self.lock:
+            self.states[upload.token] = digester
+
+    def forget(self, upload):
+        with self.lock:
+            self.states.pop(upload.token, None)
+
+    def totals(self):
+        """(partial uploads, bytes they hold) in the whole directory."""
+        count = size = 0
+        for entry in _scandirs(self.root):
+            try:
+                size += os.stat(os.path.join(entry.path, "data")).st_size
+                count += 1
+            except FileNotFoundError:
+                pass
+        return count, size
+
+    def sweep(self, now):
+        """Remove uploads idle past max-age (never one a request holds)."""
+        removed = 0
+        for entry in _scandirs(self.root):
+            upload = PartialUpload(self.root, entry.name)
+            if self.expires(upload) > now:
+                continue
+            try:
+                upload.acquire(0)
+            except (Locked, OSError):
+                continue
+            try:
+                upload.remove()
+                self.forget(upload)
+                removed += 1
+            finally:
+                upload.release()
+        self.expired += removed
+        return removed
 
 
 # ===========================================================================
@@ -4795,12 +5110,17 @@ class Handler(BaseHTTPRequestHandler):
                 "config": "get_config", "healthz": "get_health", "metrics": "get_metrics"},
         "POST": {"upload": "post_upload", "files": "post_files", "checksum": "post_checksum"},
         "PUT": {"upload": "put_upload", "files": "put_files"},
+        "PATCH": {"resumable": "patch_resumable"},
         "DELETE": {"files": "delete_path", "replica": "delete_path",
-                   "checksum": "delete_checksum"},
+                   "checksum": "delete_checksum", "resumable": "delete_resumable"},
     }
+    ROUTES["GET"]["resumable"] = "get_resumable"
     ROUTES["HEAD"] = ROUTES["GET"]
-    OPEN_ROUTES = ("get_health",)  # answered without the read token
+    ROUTES["OPTIONS"] = {top: "options" for table in list(ROUTES.values()) for top in table}
+    ROUTES["OPTIONS"]["*"] = "options"
+    OPEN_ROUTES = ("get_health", "options")  # answered without the read token
     READ_ROUTES = ("post_checksum",)  # POSTs that only read: the read token will do
+    WRITE_ROUTES = ("get_resumable",)  # reads that need the write token
 
     def dispatch(self):
         self.server.busy_change(+1)
@@ -4810,6 +5130,8 @@ class Handler(BaseHTTPRequestHandler):
             self.query_pairs = urllib.parse.parse_qsl(url.query, keep_blank_values=True)
             self.query = dict(self.query_pairs)
             top, _, self.rest = url.path.lstrip("/").partition("/")
+            if url.path == "*" and self.command != "OPTIONS":
+                raise BadRequest("the request target * is for OPTIONS only")
             name = self.ROUTES.get(self.command, {}).get(top)
             if name is None:
                 allowed = [method for method, table in self.ROUTES.items() if top in table]
@@ -4845,7 +5167,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def authorize(self, route):
         server = self.server
-        write = self.command in ("POST", "PUT", "DELETE") and route not in self.READ_ROUTES
+        write = (self.command in ("POST", "PUT", "PATCH", "DELETE")
+                 and route not in self.READ_ROUTES) or route in self.WRITE_ROUTES
         tokens = [server.token] if write else [server.read_token, server.token]
         if not (server.token if write else server.read_token) or route in self.OPEN_ROUTES:
             return
@@ -4905,6 +5228,7 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True  # a response already began
             return
         body = {"code": exc.status, "status": "error", "error": exc.message}
+        body.update(exc.extra)
         headers = dict(exc.headers)
         if self.command == "HEAD":
             headers["Content-Length"] = "0"  # curl -X HEAD waits for it
@@ -5133,6 +5457,8 @@ class Handler(BaseHTTPRequestHandler):
     # -- uploads -------------------------------------------------------------
 
     def route_post_upload(self):
+        if self.rest.strip("/") and self.resumable_creation():
+            return self.route_put_upload()  # tus-js-client creates with POST
         if self.rest.strip("/"):
             raise NotFound("POST /upload takes no path; use PUT /upload/<name>")
         self.commit_upload(self.receive_multipart(None))
@@ -5140,6 +5466,8 @@ class Handler(BaseHTTPRequestHandler):
     def route_put_upload(self):
         segments = split_url_path(self.rest, "upload name")
         name = client_filename(segments[-1], "upload name") if segments else "upload"
+        if self.resumable_creation():
+            return self.create_resumable(name, None)
         self.commit_upload(self.receive_raw(name, None))
 
     def route_put_files(self):
@@ -5151,9 +5479,13 @@ class Handler(BaseHTTPRequestHandler):
         if self.exclusive() and os.path.lexists(dest):  # refused before the body is read
             raise PreconditionFailed("files/%s exists (If-None-Match: *)" % "/".join(segments))
         store.check_name_target(dest)
+        if self.resumable_creation():
+            return self.create_resumable(segments[-1], dest)
         self.commit_upload(self.receive_raw(segments[-1], dest))
 
     def route_post_files(self):
+        if not self.rest.endswith("/") and self.resumable_creation():
+            return self.route_put_files()  # a resumable upload created with POST
         segments = self.new_name_segments("directory path")
         store = self.server.store
         directory = os.path.join(store.root, "files", *segments)
@@ -5286,8 +5618,9 @@ class Handler(BaseHTTPRequestHandler):
                                  "(it has %s)" % (header, digests[algorithm]))
         return sha256
 
-    def commit_upload(self, received):
-        """Store what the request delivered (one transaction); answer JSON."""
+    def commit_upload(self, received, headers=None, before_answer=None):
+        """Store what the request delivered (one transaction); answer JSON
+        (with ``headers`` added; ``before_answer(receipt)`` runs first)."""
         server = self.server
         stored = UploadTransaction(server.store, server.config.replicate,
                                    server.uploads_log).commit(received)
@@ -5295,13 +5628,311 @@ class Handler(BaseHTTPRequestHandler):
             server.log_event("stored", name=item.filename, sha256=item.blob.sha256,
                              size=item.blob.size, stored="new" if item.blob.new else "existing")
         status = 201 if any(stored_anything(item) for item in stored) else 200
-        headers = {"Location": server.url(stored[0].name)} if stored[0].name else {}
+        headers = dict(headers or {})
+        if stored[0].name:
+            headers.setdefault("Location", server.url(stored[0].name))
         receipt = upload_receipt(status, stored, server.url, server.config.checksum_type)
+        if before_answer is not None:
+            before_answer(receipt)
         if self.wants_html():
             self.send(status, receipt_html(receipt).encode("utf-8"), "text/html; charset=utf-8",
                       headers)
         else:
             self.send_json(status, receipt, headers)
+
+    # -- resumable uploads (the IETF draft "Resumable Uploads for HTTP") -----
+
+    def resumable_version(self):
+        """The request's Upload-Draft-Interop-Version: an int, or None when
+        it sends none (the final RFC's form).  BadRequest for one this
+        server does not speak."""
+        text = self.headers.get("upload-draft-interop-version")
+        if text is None:
+            return None
+        if not text.strip().isdigit() or int(text) not in RESUMABLE_VERSIONS:
+            raise BadRequest(
+                "Upload-Draft-Interop-Version %s is not supported: this server speaks %d to %d "
+                "(drafts -03 to -13 of draft-ietf-httpbis-resumable-upload)"
+                % (text.strip()[:20], RESUMABLE_VERSIONS[0], RESUMABLE_VERSIONS[-1]))
+        return int(text)
+
+    def resumable_creation(self):
+        """True when an upload request asks to be resumable."""
+        return ("upload-complete" in self.headers
+                or "upload-draft-interop-version" in self.headers)
+
+    def upload_limit(self, version, upload=None):
+        """The Upload-Limit value: max-size (MAX_CONTENT_LENGTH) and max-age
+        (the time left to ``upload``, or a new one's), ``expires`` too for
+        drafts up to -05 (interop 6), which named it so."""
+        resumables = self.server.resumables
+        age = int(resumables.expires(upload) - utc_now()) if upload else resumables.max_age
+        items = ["max-age=%d" % max(age, 0)]
+        if self.server.config.max_content_length:
+            items.insert(0, "max-size=%d" % self.server.config.max_content_length)
+        if version is not None and version <= 6:
+            items.append("expires=%d" % max(age, 0))
+        return ", ".join(items)
+
+    def resumable_headers(self, version, upload, offset, complete, length=None):
+        headers = {"Upload-Offset": str(offset), "Upload-Complete": "?1" if complete else "?0",
+                   "Upload-Limit": self.upload_limit(version, upload),
+                   "Cache-Control": "no-store"}
+        if length is not None:
+            headers["Upload-Length"] = str(length)
+        if version is not None:
+            headers["Upload-Draft-Interop-Version"] = str(version)
+        return headers
+
+    def send_no_content(self, headers):
+        """204, no body and no Content-Length (RFC 9110 8.6)."""
+        self.wfile.write(self.send_head_lines(204, headers))
+
+    def create_resumable(self, name, dest):
+        """Upload creation: a new upload resource for this request's body,
+        announced by 104 (when the client speaks a draft version) and by
+        Location on the answer; the body is appended as it comes."""
+        version = self.resumable_version()
+        complete = sf_boolean(self.headers.get("upload-complete"))
+        if complete is None:
+            raise BadRequest("a resumable upload needs Upload-Complete: ?1 (this request ends "
+                             "the file) or ?0 (more follows)")
+        expected = stated_digests(self.headers)
+        retain_until, _, meta, keep, client = self.upload_options({})
+        length = sf_integer(self.headers.get("upload-length"), "Upload-Length")
+        content_length = self.headers.get("content-length")
+        if complete and content_length is not None and content_length.isdigit():
+            if length is not None and length != int(content_length):
+                raise inconsistent_length("Upload-Length says %d but this request, which "
+                                          "completes the upload, holds %s bytes"
+                                          % (length, content_length))
+            length = int(content_length)
+        self.check_resumable_length(length, version)
+        self.server.store.check_room(length or 0)
+        store = self.server.store
+        extra = [algorithm for algorithm in expected if algorithm not in store.algorithms]
+        info = {"name": name, "dest": dest and store.relpath(dest),
+                "exclusive": self.exclusive(), "retain_until": retain_until, "meta": meta,
+                "keep": keep, "client": client, "length": length,
+                "expected": {algorithm: list(pair) for algorithm, pair in expected.items()},
+                "algorithms": list(store.algorithms) + extra, "created": utc_now(),
+                "headers": {key: value for key, value in self.headers.items()
+                            if key not in RESUMABLE_KEPT_HEADERS}}
+        upload = PartialUpload.create(self.server.resumables.root, info)
+        location = self.server.url("resumable/" + upload.token)
+        self.server.log_event("message", text="resumable upload %s created for %s"
+                              % (upload.token[:8], dest and store.relpath(dest) or name))
+        if version is not None and self.request_version == "HTTP/1.1":
+            self.wfile.write(("HTTP/1.1 104 Upload Resumption Supported\r\nLocation: %s\r\n"
+                              "Upload-Draft-Interop-Version: %d\r\nUpload-Limit: %s\r\n\r\n"
+                              % (location, version, self.upload_limit(version))).encode())
+        self.append_to(upload, info, complete, version, location)
+
+    def check_resumable_length(self, length, version):
+        limit = self.server.config.max_content_length
+        if length is not None and limit and length > limit:
+            raise TooLarge("an upload of %d bytes is over MAX_CONTENT_LENGTH (%d bytes)"
+                           % (length, limit),
+                           headers={"Upload-Limit": self.upload_limit(version)})
+
+    def append_to(self, upload, info, complete, version, location, creation=True):
+        """Read this request's body onto the end of ``upload``; complete it
+        (the JSON receipt) or answer how far it is.  A cut connection keeps
+        what arrived (fsynced), and the digests' state for the rest."""
+        resumables = self.server.resumables
+        resumables.begin(upload, self.connection)
+        try:
+            offset = upload.offset()
+            if offset is None:  # completed meanwhile
+                raise upload_completed(version)
+            staged = StagedBlob(self.server.store, info["name"], path=upload.data_path,
+                                digester=resumables.digester(upload, info["algorithms"]))
+            try:
+                self.append_body(staged, info, version)
+            except BaseException:
+                resumables.keep_state(upload, staged.suspend())
+                raise
+            finally:
+                self.server.store.partial_changed()
+            if not complete:
+                resumables.keep_state(upload, staged.suspend())
+                headers = self.resumable_headers(version, upload, staged.size, False,
+                                                 info.get("length"))
+                if creation or (version is not None and version <= 6):
+                    headers["Location"] = location
+                    self.send_json(201, {"code": 201, "status": "Incomplete",
+                                         "offset": staged.size, "location": location}, headers)
+                else:
+                    self.send_no_content(headers)
+                return
+            self.complete_resumable(upload, info, staged, version, location)
+        finally:
+            resumables.end(upload, self.connection)
+
+    def append_body(self, staged, info, version):
+        """Copy the request body to ``staged``, within the known length and
+        MAX_CONTENT_LENGTH (the bytes that fit are kept; then 400 or 413)."""
+        length = info.get("length")
+        limit = self.server.config.max_content_length
+        body = self.open_body(required=False, limit=0)
+        check = None
+        if self.command == "PATCH" and self.headers.get("content-digest"):
+            check = Digester(("sha256", "sha512"))  # Content-Digest: this request only
+        while True:
+            data = body.read(CHUNK_SIZE)
+            if not data:
+                break
+            room = min(length if length is not None else float("inf"),
+                       limit or float("inf")) - staged.size
+            if len(data) > room:
+                if room > 0:
+                    staged.write(memoryview(data)[:int(room)])
+                if length is not None and staged.size >= length:
+                    raise inconsistent_length("the upload's length is %d bytes; this request "
+                                              "goes past it" % length)
+                raise TooLarge("the upload would be over MAX_CONTENT_LENGTH (%d bytes)" % limit,
+                               headers={"Upload-Limit": self.upload_limit(version)})
+            staged.write(data)
+            if check is not None:
+                check.update(data)
+        if check is not None:
+            check_stated_digests({key: value for key, value in stated_digests(self.headers).items()
+                                  if value[0].startswith("Content-Digest")}, check.hexdigests())
+
+    def complete_resumable(self, upload, info, staged, version, location):
+        """The upload is whole: check the creating request's digests and
+        commit it like a one-shot upload (same receipt)."""
+        length = info.get("length")
+        if length is not None and staged.size != length:
+            self.server.resumables.keep_state(upload, staged.suspend())
+            raise inconsistent_length("Upload-Complete: ?1 at %d bytes, but the upload's "
+                                      "length is %d" % (staged.size, length))
+        digests = staged.finish()
+        expected = {algorithm: tuple(pair) for algorithm, pair in info["expected"].items()}
+        try:
+            check_stated_digests(expected, digests)
+        except BadRequest:
+            upload.remove()  # wrong content: resuming cannot mend it
+            raise
+        twin = os.path.join(self.server.store.staging_dir, "up-" + secrets.token_hex(8))
+        os.link(upload.data_path, twin)  # committed from staging; the data stays if it fails
+        staged.path = twin
+        store = self.server.store
+        dest = info["dest"] and store.path_of(info["dest"])
+        received = Received([Incoming(info["name"], staged, None, dest)], info["exclusive"],
+                            info["retain_until"], Headers(info["headers"]), info["meta"],
+                            info["keep"], info["client"])
+        headers = self.resumable_headers(version, upload, staged.size, True, staged.size)
+        headers["Location"] = location
+
+        def remember(receipt):
+            replace_atomically(upload.done_path, lambda path: _write_json(path, receipt))
+            _unlink_quietly(upload.data_path)
+            self.server.resumables.forget(upload)
+            store.partial_changed()
+        try:
+            self.commit_upload(received, headers, remember)
+        except BaseException:
+            if os.path.exists(upload.data_path):
+                os.chmod(upload.data_path, 0o600)  # still resumable: complete it again
+            raise
+
+    def route_get_resumable(self):
+        """Offset retrieval (HEAD; GET is the same, and once complete its
+        body is the receipt)."""
+        version = self.resumable_version()
+        resumables = self.server.resumables
+        upload = resumables.find(self.rest.strip("/"))
+        resumables.begin(upload, self.connection)
+        try:
+            receipt = upload.done()
+            info = upload.info()
+            if receipt is not None:
+                size = receipt["files"][0]["size"]
+                headers = self.resumable_headers(version, upload, size, True, size)
+                self.send_json(200, receipt, headers) if self.command == "GET"                     else self.send_no_content(headers)
+                return
+            headers = self.resumable_headers(version, upload, upload.offset(), False,
+                                             info.get("length"))
+            self.send_no_content(headers)
+        finally:
+            resumables.end(upload, self.connection)
+
+    def route_patch_resumable(self):
+        """Upload append: more bytes at the offset the client states."""
+        version = self.resumable_version()
+        resumables = self.server.resumables
+        upload = resumables.find(self.rest.strip("/"))
+        kind = self.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != PARTIAL_UPLOAD and (version is None or version >= 6):
+            raise UnsupportedMediaType("an append needs Content-Type: %s" % PARTIAL_UPLOAD)
+        provided = sf_integer(self.headers.get("upload-offset"), "Upload-Offset")
+        if provided is None:
+            raise BadRequest("an append needs Upload-Offset: the offset it starts at")
+        complete = sf_boolean(self.headers.get("upload-complete"))
+        if complete is None:
+            if version is None or version >= 7:
+                raise BadRequest("an append needs Upload-Complete: ?1 (it ends the file) or ?0")
+            complete = True  # drafts up to -05: no header means the last append
+        resumables.begin(upload, self.connection)
+        try:
+            if upload.done() is not None:
+                raise upload_completed(version, self.headers.get("content-length", "0") != "0"
+                                       or "transfer-encoding" in self.headers)
+            current = upload.offset()
+            if provided != current:
+                raise Conflict("Upload-Offset %d does not match the upload's offset %d: append "
+                               "from %d" % (provided, current, current),
+                               headers={"Upload-Offset": str(current)},
+                               extra={"type": PROBLEM + "mismatching-upload-offset",
+                                      "title": "offset from request does not match offset "
+                                               "of resource",
+                                      "expected-offset": current, "provided-offset": provided})
+            info = upload.info()
+            length = sf_integer(self.headers.get("upload-length"), "Upload-Length")
+            if length is not None and info.get("length") not in (None, length):
+                raise inconsistent_length("Upload-Length %d differs from the %d bytes stated "
+                                          "before" % (length, info["length"]))
+            if length is not None and info.get("length") is None:
+                if length < current:
+                    raise inconsistent_length("Upload-Length %d is less than the %d bytes "
+                                              "received" % (length, current))
+                self.check_resumable_length(length, version)
+                info["length"] = length
+                upload.write_info(info)
+        finally:
+            upload.release()
+        self.append_to(upload, info, complete, version,
+                       self.server.url("resumable/" + upload.token), creation=False)
+
+    def route_delete_resumable(self):
+        """Upload cancellation: the partial data goes."""
+        resumables = self.server.resumables
+        upload = resumables.find(self.rest.strip("/"))
+        resumables.begin(upload, self.connection)
+        try:
+            upload.remove()
+            resumables.forget(upload)
+            self.server.store.partial_changed()
+        finally:
+            resumables.end(upload, self.connection)
+        self.send_no_content({})
+
+    def route_options(self):
+        """What may be done here; Accept-Patch and Upload-Limit say that
+        resumable uploads are offered (the draft's limits discovery)."""
+        top = self.url_path.lstrip("/").split("/", 1)[0]
+        allowed = sorted({method for method, table in self.ROUTES.items()
+                          if top in table} | {"OPTIONS"}) if top != "*" else \
+            ["DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT"]
+        headers = {"Allow": ", ".join(allowed)}
+        if top in ("upload", "files", "resumable", "*"):
+            version = self.resumable_version()
+            headers["Accept-Patch"] = PARTIAL_UPLOAD
+            headers["Upload-Limit"] = self.upload_limit(version)
+            if version is not None:
+                headers["Upload-Draft-Interop-Version"] = str(version)
+        self.send_no_content(headers)
 
     # -- reading names and trees ---------------------------------------------
 
@@ -5575,6 +6206,7 @@ class BucketServer(ThreadingHTTPServer):
         self.counters = collections.Counter()
         self.uploads_log = UploadsLog(os.path.join(store.root, "uploads"), store.process_id,
                                       store.tag)
+        self.resumables = Resumables(store, config.resumable_max_age)
         self.reaper = Reaper(config.timeout)
         self.reaper.start()
         host = config.bind or ("::" if socket.has_ipv6 and _dual_stack() else "0.0.0.0")
@@ -5692,7 +6324,12 @@ class BucketServer(ThreadingHTTPServer):
                 ("evictions_total", "counter", evictor.evictions if evictor else 0,
                  "blobs evicted by this process"),
                 ("evicted_bytes_total", "counter", evictor.evicted_bytes if evictor else 0,
-                 "bytes evicted by this process")):
+                 "bytes evicted by this process"),
+                ("partial_uploads", "gauge", store.partial[0],
+                 "unfinished resumable uploads"),
+                ("partial_bytes", "gauge", store.partial[1], "bytes they hold"),
+                ("partial_expired_total", "counter", store.resumables.expired,
+                 "unfinished resumable uploads removed after max-age by this process")):
             lines += ["# HELP http_bucket_%s %s" % (name, text),
                       "# TYPE http_bucket_%s %s" % (name, kind),
                       "http_bucket_%s %d" % (name, value)]
