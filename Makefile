@@ -4,7 +4,8 @@
 PYTHON ?= python3
 ARGS ?=
 
-.PHONY: run test bench bench-quick bench-peers lint docker docker-test check-isolated ci
+.PHONY: run test test-e2e test-e2e-deps bench bench-quick bench-peers lint docker docker-test \
+	check-isolated ci
 
 run:
 	$(PYTHON) http_bucket.py $(ARGS)
@@ -12,6 +13,15 @@ run:
 # The README's test command.
 test:
 	$(PYTHON) -m pytest -q
+
+# The browser tests (headless Chromium) and interop tests (Node clients),
+# which `make test` skips; test-e2e-deps installs what they need first
+# (Debian's chromium as root, playwright into $(PYTHON), npm ci in interop/).
+test-e2e:
+	HTTP_BUCKET_BROWSER=1 HTTP_BUCKET_INTEROP=1 $(PYTHON) -m pytest -q -rs test_browser.py test_interop.py
+
+test-e2e-deps:
+	bash .ci/install-e2e $(PYTHON)
 
 bench:
 	$(PYTHON) bench_http_bucket.py

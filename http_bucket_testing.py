@@ -18,15 +18,29 @@ Contracts: ``wait_until`` returns the predicate's true value or raises
 AssertionError naming what it waited for; a ServerProcess is stopped by its
 PID (SIGTERM, a bounded wait, then SIGKILL) and keeps every run's log; the
 store checks raise AssertionError saying which path is wrong.
+
+Two optional suites, off unless their variable is set (HTTP_BUCKET_BROWSER,
+HTTP_BUCKET_INTEROP; .ci/run sets them for one interpreter), import what
+they need only when used and skip, naming what is missing, without it:
+
+    with Browser() as browser:                   # Debian's Chromium, Playwright
+        page = browser.new_page(viewport=(1280, 800), color_scheme="dark")
+        page.goto(server.url("/"))
+        print("saved", save_screenshot(page, "index-dark"))
+
+    run = tus_upload(path, server.url("/upload/a.bin"), "--protocol", "ietf-draft-05")
+    assert run.returncode == 0 and run.result["ok"], run   # interop/tus-upload.cjs
 """
 
 import base64
 import collections
+import contextlib
 import errno
 import hashlib
 import http.client
 import json
 import os
+import re
 import shutil
 import socket
 import ssl
@@ -34,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import unittest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
@@ -602,3 +617,322 @@ def assert_store_consistent(directory, timeout=POLL_TIMEOUT):
                                      % (relative, info.st_nlink))
             names[relative] = inodes[(info.st_dev, info.st_ino)]
     return StoreContents(blobs, names)
+
+
+# ===========================================================================
+# Optional suites: browser tests and interop tests, on one interpreter only
+# ===========================================================================
+#
+# Each is off unless its variable says otherwise, so a plain `pytest` (and
+# every interpreter of .ci/run but one) skips them, saying why:
+#   HTTP_BUCKET_BROWSER=1        browser tests run; they skip when playwright
+#                                or Chromium is missing
+#   HTTP_BUCKET_BROWSER=require  the same, but a missing piece fails the test
+#                                (.ci/run sets this once its installs worked)
+#   HTTP_BUCKET_INTEROP=1|require  the same for the Node clients in interop/
+# The server never sees these (clean_environment drops HTTP_BUCKET_*).
+
+BROWSER_VARIABLE = "HTTP_BUCKET_BROWSER"
+INTEROP_VARIABLE = "HTTP_BUCKET_INTEROP"
+
+
+def _suite_mode(variable):
+    """'off', 'on' or 'require', from the variable's value."""
+    value = os.environ.get(variable, "").strip().lower()
+    if value in ("", "0", "no", "off", "false"):
+        return "off"
+    return "require" if value == "require" else "on"
+
+
+def _suite_enabled(variable, what):
+    """Raise unittest.SkipTest unless ``variable`` turns the suite on."""
+    if _suite_mode(variable) == "off":
+        raise unittest.SkipTest(
+            "%s off: set %s=1 to run them (.ci/run does on one interpreter, CI_E2E_PYTHON)"
+            % (what, variable))
+
+
+def _missing(variable, reason):
+    """A prerequisite is missing: SkipTest, or AssertionError under =require."""
+    if _suite_mode(variable) == "require":
+        raise AssertionError("%s=require, but %s" % (variable, reason))
+    raise unittest.SkipTest(reason)
+
+
+# ===========================================================================
+# Browser tests: Debian's Chromium driven by Playwright's sync API
+# ===========================================================================
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's package; HTTP_BUCKET_CHROMIUM overrides
+#: Headless, as root, on a machine whose only network is loopback: without
+#: the background-networking flags Chromium keeps trying Google's hosts.
+#: (Playwright adds --headless itself, and gives every launch a fresh
+#: --user-data-dir of its own, removed at close; it refuses one in args.)
+CHROMIUM_ARGS = (
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--disable-default-apps", "--disable-extensions", "--metrics-recording-only",
+    "--no-default-browser-check", "--disable-dev-shm-usage")
+BROWSER_TIMEOUT = 30.0  # Chromium's start, and every Playwright action or
+                        # wait (goto, click, expect): Playwright's own default;
+                        # a page of a loopback server loads in well under 1 s
+DEFAULT_VIEWPORT = (1280, 800)
+
+
+def chromium_executable():
+    """The Chromium the browser tests launch: $HTTP_BUCKET_CHROMIUM or /usr/bin/chromium."""
+    return os.environ.get("HTTP_BUCKET_CHROMIUM") or CHROMIUM
+
+
+class Browser:
+    """Headless Chromium (Debian's, never a downloaded one) under Playwright.
+
+        with Browser() as browser:
+            page = browser.new_page(viewport=(390, 844), color_scheme="dark")
+            page.goto(server.url("/"))
+            save_screenshot(page, "index-dark")
+
+    ``start`` raises unittest.SkipTest when the suite is off
+    (HTTP_BUCKET_BROWSER), when playwright is not importable or when there
+    is no Chromium at chromium_executable() (AssertionError instead under
+    HTTP_BUCKET_BROWSER=require); a Chromium that is there but does not
+    start is an error.  Every ``new_page`` has a context of its own
+    (cookies, storage, viewport, color scheme); ``close`` ends them all and
+    the browser.  One Browser at a time per thread (Playwright's sync API).
+    """
+
+    def __init__(self, executable=None, args=(), timeout=BROWSER_TIMEOUT):
+        self.executable = executable
+        self.args = list(CHROMIUM_ARGS) + list(args)
+        self.timeout = timeout
+        self.browser = None  # playwright's Browser once started
+        self._playwright = None
+
+    def start(self):
+        """Launch Chromium; returns self."""
+        _suite_enabled(BROWSER_VARIABLE, "browser tests")
+        try:
+            from playwright.sync_api import sync_playwright
+        except ImportError as exc:
+            _missing(BROWSER_VARIABLE, "playwright is not installed (%s): pip install -r "
+                     "requirements-browser.txt" % exc)
+        executable = self.executable or chromium_executable()
+        if not os.access(executable, os.X_OK):
+            _missing(BROWSER_VARIABLE, "no Chromium at %s: apt-get install chromium "
+                     "fonts-dejavu-core (or bash .ci/install-e2e)" % executable)
+        self._playwright = sync_playwright().start()
+        try:
+            self.browser = self._playwright.chromium.launch(
+                executable_path=executable, headless=True, args=self.args,
+                timeout=self.timeout * 1000)
+        except BaseException:
+            self._playwright.stop()
+            self._playwright = None
+            raise
+        return self
+
+    def new_page(self, viewport=DEFAULT_VIEWPORT, color_scheme="light", **context_options):
+        """A page in a new context: ``viewport`` (width, height) in CSS pixels,
+        ``color_scheme`` "light" / "dark" / "no-preference"; more keywords go
+        to Playwright's Browser.new_context (locale, device_scale_factor, ...)."""
+        if self.browser is None:
+            raise RuntimeError("Browser not started")
+        width, height = viewport
+        context = self.browser.new_context(
+            viewport={"width": width, "height": height}, color_scheme=color_scheme,
+            **context_options)
+        context.set_default_timeout(self.timeout * 1000)
+        return context.new_page()
+
+    def close(self):
+        """Close every page and context, the browser, and Playwright's driver."""
+        try:
+            if self.browser is not None:
+                self.browser.close()
+        finally:
+            self.browser = None
+            if self._playwright is not None:
+                self._playwright.stop()
+                self._playwright = None
+
+    def __enter__(self):
+        if self.browser is None:
+            self.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+        return False
+
+
+@contextlib.contextmanager
+def browser_page(viewport=DEFAULT_VIEWPORT, color_scheme="light", **context_options):
+    """A Chromium page for one ``with`` block: a Browser with one new_page
+    (see there for the arguments and for when it skips)."""
+    with Browser() as browser:
+        yield browser.new_page(viewport, color_scheme, **context_options)
+
+
+SCREENSHOTS_VARIABLE = "HTTP_BUCKET_SCREENSHOTS"
+SCREENSHOTS_SAVED = []  # every path save_screenshot wrote in this process
+_screenshots = {}       # "dir": this process's screenshot folder, once made
+
+
+def screenshot_dir():
+    """The folder for this run's screenshots, made on the first call.
+
+    $HTTP_BUCKET_SCREENSHOTS when set (created if missing), else a new
+    http_bucket-screenshots-XXXXXX under the temporary directory, kept
+    after the run so the pictures can be looked at.  Its path is printed
+    once per process on stderr (pytest shows it in the summary: conftest.py).
+    """
+    if "dir" not in _screenshots:
+        chosen = os.environ.get(SCREENSHOTS_VARIABLE)
+        if chosen:
+            os.makedirs(chosen, exist_ok=True)
+        else:
+            chosen = tempfile.mkdtemp(prefix="http_bucket-screenshots-")
+        _screenshots["dir"] = os.path.abspath(chosen)
+        sys.stderr.write("screenshots of this run: %s\n" % _screenshots["dir"])
+    return _screenshots["dir"]
+
+
+def screenshot_path(name):
+    """Where the screenshot ``name`` goes: screenshot_dir()/<name>.png, with
+    every character but letters, digits, '.', '_' and '-' made '_'."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)
+    if not safe.endswith(".png"):
+        safe += ".png"
+    return os.path.join(screenshot_dir(), safe)
+
+
+def save_screenshot(page, name, full_page=True):
+    """Save a PNG of a Playwright ``page`` as screenshot_path(name); returns the path."""
+    path = screenshot_path(name)
+    page.screenshot(path=path, full_page=full_page)
+    SCREENSHOTS_SAVED.append(path)
+    return path
+
+
+# ===========================================================================
+# Interop tests: Node clients in interop/ (tus-js-client)
+# ===========================================================================
+
+INTEROP_DIR = os.path.join(HERE, "interop")
+TUS_DRIVER = os.path.join(INTEROP_DIR, "tus-upload.cjs")
+NODE_MIN_MAJOR = 18     # tus-js-client 4.3.1's "engines"
+NPM_TIMEOUT = 300.0     # npm ci of interop/ (21 small packages): a few
+                        # seconds here; the bound is for a slow registry
+NODE_TIMEOUT = 60.0     # one run of a driver: a few MiB over loopback
+
+#: A node ready to run interop/'s drivers: ``node`` (its path), ``version``
+#: ("20.20.2"), ``directory`` (interop/, whose node_modules is installed).
+InteropNode = collections.namedtuple("InteropNode", "node version directory")
+
+#: What a driver run gave: ``returncode``, ``result`` (its last stdout line
+#: parsed as JSON, or None), ``stdout``, ``stderr``.
+DriverRun = collections.namedtuple("DriverRun", "returncode result stdout stderr")
+
+_interop = {}  # "ready": InteropNode, or "reason": why not (tried once per process)
+
+
+def _node_modules_installed(directory):
+    """True when every package of package-lock.json is in node_modules at its locked version."""
+    try:
+        with open(os.path.join(directory, "package-lock.json"), encoding="utf-8") as handle:
+            packages = json.load(handle)["packages"]
+    except (OSError, ValueError, KeyError):
+        return False
+    for where, locked in packages.items():
+        if not where.startswith("node_modules/"):
+            continue
+        try:
+            with open(os.path.join(directory, where, "package.json"), encoding="utf-8") as handle:
+                if json.load(handle).get("version") != locked.get("version"):
+                    return False
+        except (OSError, ValueError):
+            return False
+    return True
+
+
+def _prepare_interop(timeout):
+    """An InteropNode, or a text saying what is missing."""
+    node = shutil.which("node")
+    if node is None:
+        return "node is not on PATH (Debian: apt-get install nodejs npm)"
+    try:
+        version = subprocess.run([node, "--version"], stdin=subprocess.DEVNULL,
+                                 capture_output=True, text=True, timeout=30).stdout.strip()
+        major = int(version.lstrip("v").split(".")[0])
+    except (OSError, subprocess.SubprocessError, ValueError) as exc:
+        return "%s --version failed: %s" % (node, exc)
+    if major < NODE_MIN_MAJOR:
+        return "node %s is too old: tus-js-client needs %d or newer" % (version, NODE_MIN_MAJOR)
+    import fcntl  # POSIX only, like the server
+    with open(os.path.join(INTEROP_DIR, ".install.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be installing
+        if not _node_modules_installed(INTEROP_DIR):
+            npm = shutil.which("npm")
+            if npm is None:
+                return "interop/node_modules is not installed and npm is not on PATH"
+            command = [npm, "ci", "--no-audit", "--no-fund", "--ignore-scripts",
+                       "--loglevel=error"]
+            try:
+                done = subprocess.run(command, cwd=INTEROP_DIR, stdin=subprocess.DEVNULL,
+                                      capture_output=True, text=True, timeout=timeout)
+            except subprocess.TimeoutExpired:
+                return "npm ci in interop/ took over %.0f s" % timeout
+            except OSError as exc:
+                return "npm ci in interop/ did not start: %s" % exc
+            if done.returncode != 0 or not _node_modules_installed(INTEROP_DIR):
+                output = (done.stdout + done.stderr).strip().splitlines()[-5:]
+                return "npm ci in interop/ failed (exit %d): %s" % (done.returncode,
+                                                                   " | ".join(output))
+    return InteropNode(node, version.lstrip("v"), INTEROP_DIR)
+
+
+def interop_node(timeout=NPM_TIMEOUT):
+    """A node (18 or newer) with interop/node_modules installed: an InteropNode.
+
+    Runs ``npm ci`` in interop/ (at most ``timeout`` seconds) when its
+    node_modules is missing or differs from package-lock.json; tried once
+    per process.  Raises unittest.SkipTest when the suite is off
+    (HTTP_BUCKET_INTEROP), or when node is missing or too old, or npm is
+    missing or fails (AssertionError instead under HTTP_BUCKET_INTEROP=require).
+    """
+    _suite_enabled(INTEROP_VARIABLE, "interop tests")
+    if not _interop:
+        prepared = _prepare_interop(timeout)
+        _interop["ready" if isinstance(prepared, InteropNode) else "reason"] = prepared
+    if "reason" in _interop:
+        _missing(INTEROP_VARIABLE, _interop["reason"])
+    return _interop["ready"]
+
+
+def tus_upload(*arguments, timeout=NODE_TIMEOUT):
+    """Run ``node interop/tus-upload.cjs *arguments``: a DriverRun.
+
+        run = tus_upload(path, server.url("/upload/a.bin"),
+                         "--protocol", "ietf-draft-05", "--chunk-size", "65536")
+        assert run.returncode == 0 and run.result["ok"], run
+
+    (``--help`` lists the options.)  Skips like interop_node.  Raises
+    AssertionError with the driver's output when it runs over ``timeout``
+    seconds.
+    """
+    ready = interop_node()
+    command = [ready.node, TUS_DRIVER] + [str(argument) for argument in arguments]
+    try:
+        done = subprocess.run(command, cwd=ready.directory, stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError("%s ran over %.0f s; stdout %r, stderr %r"
+                             % (" ".join(command), timeout, exc.stdout, exc.stderr)) from None
+    result = None
+    lines = done.stdout.strip().splitlines()
+    if lines:
+        try:
+            result = json.loads(lines[-1])
+        except ValueError:
+            result = None
+    return DriverRun(done.returncode, result, done.stdout, done.stderr)
