@@ -786,11 +786,14 @@ class BodyReader:
         self.limit = limit
         self.received = 0
         self.finished = not chunked and not length
+        self.cut = False  # the connection ended early; the bytes before it were returned
         self._before_first_read = before_first_read
 
     def read(self, size=CHUNK_SIZE):
         if self.finished:
             return b""
+        if self.cut:
+            raise ClientGone("client closed the connection mid-body")
         if self._before_first_read is not None:
             callback, self._before_first_read = self._before_first_read, None
             callback()
@@ -822,7 +825,9 @@ class BodyReader:
             if self.guard:
                 self.guard[0].release(self.guard[1])
         if len(data) < size:
-            raise ClientGone("client closed the connection mid-body")
+            if not data:
+                raise ClientGone("client closed the connection mid-body")
+            self.cut = True  # what came before the cut first; the next read raises
         return data
 
     def _readline(self, limit, what):
@@ -4362,7 +4367,7 @@ class Resumables:
         then take the upload's lock.  Call ``end`` after."""
         with self.lock:
             previous = self.active.get(upload.token)
-        if previous is not None:
+        if previous is not None and previous is not connection:
             try:
                 previous.shutdown(socket.SHUT_RDWR)
             except OSError:
@@ -5718,7 +5723,8 @@ class Handler(BaseHTTPRequestHandler):
                 "algorithms": list(store.algorithms) + extra, "created": utc_now(),
                 "headers": {key: value for key, value in self.headers.items()
                             if key not in RESUMABLE_KEPT_HEADERS}}
-        upload = PartialUpload.create(self.server.resumables.root, info)
+        resumables = self.server.resumables
+        upload = PartialUpload.create(resumables.root, info)
         location = self.server.url("resumable/" + upload.token)
         self.server.log_event("message", text="resumable upload %s created for %s"
                               % (upload.token[:8], dest and store.relpath(dest) or name))
@@ -5726,7 +5732,11 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(("HTTP/1.1 104 Upload Resumption Supported\r\nLocation: %s\r\n"
                               "Upload-Draft-Interop-Version: %d\r\nUpload-Limit: %s\r\n\r\n"
                               % (location, version, self.upload_limit(version))).encode())
-        self.append_to(upload, info, complete, version, location)
+        resumables.begin(upload, self.connection)
+        try:
+            self.append_to(upload, info, complete, version, location)
+        finally:
+            resumables.end(upload, self.connection)
 
     def check_resumable_length(self, length, version):
         limit = self.server.config.max_content_length
@@ -5736,38 +5746,37 @@ class Handler(BaseHTTPRequestHandler):
                            headers={"Upload-Limit": self.upload_limit(version)})
 
     def append_to(self, upload, info, complete, version, location, creation=True):
-        """Read this request's body onto the end of ``upload``; complete it
-        (the JSON receipt) or answer how far it is.  A cut connection keeps
-        what arrived (fsynced), and the digests' state for the rest."""
+        """Read this request's body onto the end of ``upload`` (the caller
+        holds it: Resumables.begin); complete it (the JSON receipt) or
+        answer how far it is.  A cut connection keeps what arrived
+        (fsynced), and the digests' state for the rest."""
         resumables = self.server.resumables
-        resumables.begin(upload, self.connection)
+        if upload.offset() is None:  # completed meanwhile
+            raise upload_completed(version)
+        staged = StagedBlob(self.server.store, info["name"], path=upload.data_path,
+                            digester=resumables.digester(upload, info["algorithms"]))
         try:
-            offset = upload.offset()
-            if offset is None:  # completed meanwhile
-                raise upload_completed(version)
-            staged = StagedBlob(self.server.store, info["name"], path=upload.data_path,
-                                digester=resumables.digester(upload, info["algorithms"]))
-            try:
-                self.append_body(staged, info, version)
-            except BaseException:
-                resumables.keep_state(upload, staged.suspend())
-                raise
-            finally:
-                self.server.store.partial_changed()
-            if not complete:
-                resumables.keep_state(upload, staged.suspend())
-                headers = self.resumable_headers(version, upload, staged.size, False,
-                                                 info.get("length"))
-                if creation or (version is not None and version <= 6):
-                    headers["Location"] = location
-                    self.send_json(201, {"code": 201, "status": "Incomplete",
-                                         "offset": staged.size, "location": location}, headers)
-                else:
-                    self.send_no_content(headers)
-                return
-            self.complete_resumable(upload, info, staged, version, location)
+            self.append_body(staged, info, version)
+        except BaseException:
+            resumables.keep_state(upload, staged.suspend())
+            raise
         finally:
-            resumables.end(upload, self.connection)
+            self.server.store.partial_changed()
+        if info.get("length") is not None and staged.size == info["length"]:
+            complete = True  # every byte is here: the server completes it (draft -12 allows
+            # it; tus-js-client never sends ?1 when it read the file as a stream)
+        if not complete:
+            resumables.keep_state(upload, staged.suspend())
+            headers = self.resumable_headers(version, upload, staged.size, False,
+                                             info.get("length"))
+            if creation or (version is not None and version <= 6):
+                headers["Location"] = location
+                self.send_json(201, {"code": 201, "status": "Incomplete",
+                                     "offset": staged.size, "location": location}, headers)
+            else:
+                self.send_no_content(headers)
+            return
+        self.complete_resumable(upload, info, staged, version, location)
 
     def append_body(self, staged, info, version):
         """Copy the request body to ``staged``, within the known length and
@@ -5900,10 +5909,10 @@ class Handler(BaseHTTPRequestHandler):
                 self.check_resumable_length(length, version)
                 info["length"] = length
                 upload.write_info(info)
+            self.append_to(upload, info, complete, version,
+                           self.server.url("resumable/" + upload.token), creation=False)
         finally:
-            upload.release()
-        self.append_to(upload, info, complete, version,
-                       self.server.url("resumable/" + upload.token), creation=False)
+            resumables.end(upload, self.connection)
 
     def route_delete_resumable(self):
         """Upload cancellation: the partial data goes."""
