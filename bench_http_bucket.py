@@ -85,11 +85,11 @@ MB = 1000 * 1000
 # inodes deleted in the last minutes (recently_deleted in the kernel's
 # profile), so every store of many files is deleted only at the very end.
 SECTIONS = ("ceilings", "upload", "small", "head", "download", "scaling", "archives",
-            "listing", "uploads", "limits", "peers", "startup")
+            "listing", "uploads", "limits", "resumable", "peers", "startup")
 LETTERS = {"a": ("ceilings",), "b": ("upload",), "c": ("small",), "d": ("head",),
            "e": ("download",), "f": ("startup",), "g": ("upload", "small"),
            "s": ("scaling",), "x": ("archives",), "l": ("listing",), "p": ("peers",),
-           "u": ("uploads",), "m": ("limits",)}
+           "u": ("uploads",), "m": ("limits",), "r": ("resumable",)}
 
 # Sizes of a full run and of a --quick smoke run.
 FULL = dict(hash_bytes=512 * MiB, disk_bytes=1 * GiB, loopback_bytes=1 * GiB,
@@ -1467,6 +1467,110 @@ def bench_limits(ctx):
     current, peak = table_bytes_per_blob(sizes["table_blobs"])
     figures.add("limits_table_bytes", current)
     figures.note("limits_table_bytes", "peak while built %.1f B/blob" % peak)
+
+
+def resumable_put(server, path, data_path, size, cut_after):
+    """Create a resumable upload of ``data_path`` and drop the connection
+    after ``cut_after`` bytes: its Location."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
+        sock.sendall(("PUT %s HTTP/1.1\r\nHost: b\r\nContent-Length: %d\r\n"
+                      "Upload-Complete: ?1\r\nUpload-Draft-Interop-Version: 10\r\n\r\n"
+                      % (path, size)).encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(4096)
+        location = re.search(rb"Location: (\S+)", head).group(1).decode()
+        with open(data_path, "rb") as handle:
+            sent = 0
+            while sent < cut_after:
+                piece = handle.read(min(MiB, cut_after - sent))
+                sock.sendall(piece)
+                sent += len(piece)
+    return location
+
+
+def time_to_resume(server, location):
+    """Seconds from a new connection to the server accepting appended bytes
+    (the 100 Continue of the PATCH after HEAD), and the offset."""
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=120) as sock:
+        stream = sock.makefile("rb")
+        sock.sendall(("HEAD %s HTTP/1.1\r\nHost: b\r\nUpload-Draft-Interop-Version: 10"
+                      "\r\n\r\n" % location).encode())
+        offset = None
+        while True:
+            line = stream.readline()
+            if line in (b"\r\n", b""):
+                break
+            if line.lower().startswith(b"upload-offset:"):
+                offset = int(line.split(b":")[1])
+        sock.sendall(("PATCH %s HTTP/1.1\r\nHost: b\r\nUpload-Draft-Interop-Version: 10\r\n"
+                      "Content-Type: application/partial-upload\r\nUpload-Offset: %d\r\n"
+                      "Upload-Complete: ?0\r\nExpect: 100-continue\r\nContent-Length: 0\r\n"
+                      "\r\n" % (location, offset)).encode())
+        status = stream.readline()
+    seconds = time.monotonic() - started
+    if b" 100 " not in status and b" 204 " not in status:
+        raise RuntimeError("the append was answered %r" % status)
+    return seconds, offset
+
+
+def bench_resumable(ctx):
+    """A 1 GiB upload as a resumable one against a plain PUT (both by curl,
+    interleaved), and the time to resume after a cut: with the digests'
+    state in memory, and after a restart (the data hashed again)."""
+    figures, size = ctx.figures, ctx.sizes["big_bytes"]
+    label = size_label(size)
+    figures.define("resumable_plain", "%s PUT, plain (curl -T)" % label, "MB/s")
+    figures.define("resumable_put", "%s PUT as a resumable upload in one request" % label,
+                   "MB/s")
+    figures.define("resumable_overhead", "resumable against plain, same run", "%",
+                   ("max", 5), "< 5 %", digits=1)
+    figures.define("resume_warm_ms", "resume after a cut at half: reconnect to bytes "
+                   "accepted (state in memory)", "ms", digits=1)
+    figures.define("resume_cold_s", "the same after a restart (half of %s hashed again)"
+                   % label, "s", digits=2)
+    make_big_file(ctx)
+    for run in range(ctx.runs):
+        rates = {}
+        for key, headers in (("resumable_plain", []), ("resumable_put", [
+                "-H", "Upload-Complete: ?1", "-H", "Upload-Draft-Interop-Version: 10"])):
+            server = ctx.servers.start(label=key)
+            try:
+                settle()
+                response = os.path.join(ctx.workdir, "resumable-response.json")
+                code, seconds = curl(headers + ["-o", response, "-T", ctx.big_file,
+                                                server.url + "/upload/big.bin"])
+                with open(response, "rb") as handle:
+                    answer = json.loads(handle.read().decode() or "{}")
+                if code != 201 or answer["files"][0]["checksums"]["sha256"] != ctx.big_sha256:
+                    raise RuntimeError("%s answered %d: %s" % (key, code, str(answer)[:300]))
+            finally:
+                ctx.servers.stop(server)
+            rates[key] = size / seconds / MB
+            figures.add(key, rates[key])
+        overhead = (1 - rates["resumable_put"] / rates["resumable_plain"]) * 100
+        figures.add("resumable_overhead", overhead)
+        log("run %d: plain %.0f MB/s, resumable %.0f MB/s (%+.1f %%)"
+            % (run + 1, rates["resumable_plain"], rates["resumable_put"], overhead))
+        server = ctx.servers.start(label="resume")
+        try:
+            location = resumable_put(server, "/upload/cut.bin", ctx.big_file, size, size // 2)
+            deadline = time.monotonic() + 60
+            while True:  # until the server noticed the cut and kept what came
+                warm, offset = time_to_resume(server, location)
+                if offset and offset >= size // 2 - MiB or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+            figures.add("resume_warm_ms", warm * 1000, offset=offset)
+            server.stop()
+            server = ctx.servers.start(server.directory)
+            cold, offset = time_to_resume(server, location)
+            figures.add("resume_cold_s", cold, offset=offset)
+            log("run %d: resume at %d bytes: %.1f ms warm, %.2f s after a restart"
+                % (run + 1, offset, warm * 1000, cold))
+        finally:
+            ctx.servers.stop(server)
 
 
 def bench_scaling(ctx):

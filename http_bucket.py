@@ -1158,12 +1158,14 @@ class Digester:
             digest.update(data)
 
     def close(self):
+        """Stop the threads (after they hashed what they were given); the
+        digests stay, and ``update`` may go on (threads start again)."""
         if self._queues:
             for work in self._queues:
                 work.put(None)
             for thread in self._threads:
                 thread.join()
-        self._queues = ()
+        self._queues, self._threads = None, ()
 
     def hexdigests(self):
         self.close()
@@ -4343,6 +4345,7 @@ class Resumables:
         self.max_age = max_age
         self.states = {}      # token -> Digester, its size the offset it hashed
         self.active = {}      # token -> the connection appending now
+        self.turns = {}       # token -> [thread lock, requests holding or waiting]
         self.lock = threading.Lock()
         self.expired = 0      # removed by the sweep, for /metrics
         store.resumables = self
@@ -4364,15 +4367,30 @@ class Resumables:
     def begin(self, upload, connection):
         """Become the one request on ``upload``: end the request appending
         to it in this process (its connection shut: it keeps what it got),
-        then take the upload's lock.  Call ``end`` after."""
+        then take the upload's locks: a thread lock here (fcntl locks do not
+        part threads of one process) and the fcntl lock for the others.
+        Raises Locked after RESUMABLE_WAIT.  Call ``end`` after."""
         with self.lock:
             previous = self.active.get(upload.token)
+            turn = self.turns.setdefault(upload.token, [threading.Lock(), 0])
+            turn[1] += 1
         if previous is not None and previous is not connection:
             try:
                 previous.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-        upload.acquire(RESUMABLE_WAIT)
+        try:
+            if not turn[0].acquire(timeout=RESUMABLE_WAIT):
+                raise Locked("another request is appending to this upload; try again",
+                             headers={"Retry-After": "1"})
+            try:
+                upload.acquire(RESUMABLE_WAIT)
+            except BaseException:
+                turn[0].release()
+                raise
+        except BaseException:
+            self._leave(upload.token, turn)
+            raise
         with self.lock:
             self.active[upload.token] = connection
 
@@ -4380,7 +4398,16 @@ class Resumables:
         with self.lock:
             if self.active.get(upload.token) is connection:
                 del self.active[upload.token]
+            turn = self.turns[upload.token]
         upload.release()
+        turn[0].release()
+        self._leave(upload.token, turn)
+
+    def _leave(self, token, turn):
+        with self.lock:
+            turn[1] -= 1
+            if turn[1] <= 0 and self.turns.get(token) is turn:
+                del self.turns[token]
 
     def digester(self, upload, algorithms):
         """A Digester that has hashed the upload's data so far: the one kept
