@@ -4794,89 +4794,939 @@ def legacy_keys(entry, checksum_type):
 
 
 # ===========================================================================
-# The web page: upload (drag and drop, progress), browse, checksum lookup
+# The web page: one stylesheet and one script (served once, cached), and
+# the pages rendered here: home (upload, look up, storage, uploads log),
+# listings, the uploads log, the form without JavaScript, the token page
 # ===========================================================================
 
-PAGE_HTML = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>http_bucket</title>
-<style>
- body{font:15px/1.45 system-ui,sans-serif;max-width:52rem;margin:2rem auto;padding:0 1rem;color:#222}
- h1{font-size:1.4rem} section{margin:1.5rem 0} code{background:#f3f3f3;padding:0 .25rem}
- #drop{border:2px dashed #999;border-radius:8px;padding:2rem;text-align:center;cursor:pointer}
- #drop.over{border-color:#06c;background:#eef5ff}
- progress{width:100%} table{border-collapse:collapse;width:100%}
- td,th{padding:.2rem .4rem;border-bottom:1px solid #eee;text-align:left;font-size:.9rem}
- .ok{color:#080} .no{color:#b00} input[type=text]{width:100%;font-family:monospace}
-</style></head><body>
-<h1>http_bucket</h1>
-<section><h2>Upload</h2>
-<div id="drop" tabindex="0">Drop files here or click to choose
- (archives are expanded)<input id="pick" type="file" multiple hidden></div>
-<p><label>Retain days (empty: server default) <input id="retain" size="6"></label></p>
-<progress id="bar" value="0" max="1" hidden></progress>
-<table id="results"><thead><tr><th>file</th><th>size</th><th>sha256</th><th>stored</th></tr></thead>
-<tbody></tbody></table></section>
-<section><h2>Is it stored?</h2>
-<form id="lookup"><input id="digest" type="text" placeholder="md5, sha1, sha256 or sha512 hex"
- aria-label="checksum"> <button>Look up</button></form><p id="answer" role="status"></p></section>
-<section><h2>Browse</h2><p><a href="/files/">files/</a> &middot; <a href="/replica/">replica/</a>
- &middot; <a href="/explode/">explode/</a> &middot; <a href="/config">config</a></p>
-<p>From a shell: <code>curl -F 'file=@results.xml' HOST/upload</code></p></section>
-<script>
-const drop=document.getElementById('drop'),pick=document.getElementById('pick'),
- bar=document.getElementById('bar'),rows=document.querySelector('#results tbody');
-drop.onclick=()=>pick.click();
-drop.onkeydown=e=>{if(e.key==='Enter'||e.key===' ')pick.click()};
-pick.onchange=()=>send(pick.files);
-drop.ondragover=e=>{e.preventDefault();drop.classList.add('over')};
-drop.ondragleave=()=>drop.classList.remove('over');
-drop.ondrop=e=>{e.preventDefault();drop.classList.remove('over');send(e.dataTransfer.files)};
-function cell(text){const td=document.createElement('td');td.textContent=text;return td}
-function send(files){
- if(!files.length)return;
- const form=new FormData();for(const f of files)form.append('file',f,f.name);
- const xhr=new XMLHttpRequest(),days=document.getElementById('retain').value.trim();
- xhr.open('POST','/upload'+(days?'?retain_days='+encodeURIComponent(days):''));
- bar.hidden=false;bar.value=0;
- xhr.upload.onprogress=e=>{if(e.lengthComputable)bar.value=e.loaded/e.total};
- xhr.onload=()=>{bar.value=1;let r;try{r=JSON.parse(xhr.responseText)}catch(e){r={error:xhr.statusText}}
-  if(!r.files){const tr=document.createElement('tr');tr.appendChild(cell(r.error||'failed'));
-   tr.className='no';rows.prepend(tr);return}
-  for(const f of r.files){const tr=document.createElement('tr');
-   const a=document.createElement('a');a.href=f.url;a.textContent=f.name;
-   const td=document.createElement('td');td.appendChild(a);tr.appendChild(td);
-   tr.appendChild(cell(f.size));tr.appendChild(cell(f.checksums.sha256));
-   tr.appendChild(cell(f.stored+(f.extracted?' +'+f.extracted.count+' members':'')));rows.prepend(tr)}};
- xhr.onerror=()=>{const tr=document.createElement('tr');tr.appendChild(cell('upload failed'));rows.prepend(tr)};
- xhr.send(form)}
-document.getElementById('lookup').onsubmit=async e=>{e.preventDefault();
- const d=document.getElementById('digest').value.trim(),out=document.getElementById('answer');
- const r=await fetch('/checksum/'+encodeURIComponent(d),{method:'HEAD'});
- out.className=r.ok?'ok':'no';
- out.textContent=r.ok?'stored ('+r.headers.get('X-Blob-Size')+' bytes)':
-  r.status===404?'not stored':'not a checksum (32, 40, 64 or 128 hex digits)';
- if(r.ok){const a=document.createElement('a');a.href='/checksum/'+d;a.textContent=' download';out.appendChild(a)}};
-</script></body></html>
+PAGE_CSS = r""":root{color-scheme:light dark;--bg:#fff;--fg:#1d2126;--muted:#5d6570;--line:#dde1e6;
+ --panel:#f5f7f9;--accent:#0b5cad;--accent-fg:#fff;--ok:#17733a;--bad:#b3261e;--warn:#8a5a00;
+ --focus:#f0a500;--code:#eef1f4}
+@media (prefers-color-scheme:dark){:root{--bg:#15181c;--fg:#e6e9ed;--muted:#a3acb7;
+ --line:#2e343b;--panel:#1d2228;--accent:#6cb0ff;--accent-fg:#0b1726;--ok:#5fd38a;
+ --bad:#ff8a80;--warn:#f2c15b;--code:#242a31}}
+*{box-sizing:border-box}
+html{-webkit-text-size-adjust:100%}
+body{margin:0;background:var(--bg);color:var(--fg);font:15px/1.5 system-ui,-apple-system,
+ "Segoe UI",Roboto,"DejaVu Sans",sans-serif}
+a{color:var(--accent)}
+a:hover{text-decoration-thickness:2px}
+:focus-visible{outline:3px solid var(--focus);outline-offset:2px}
+header.top{display:flex;flex-wrap:wrap;gap:.25rem 1rem;align-items:baseline;padding:.6rem 1rem;
+ border-bottom:1px solid var(--line);background:var(--panel)}
+header.top .brand{font-weight:700;font-size:1.1rem;color:var(--fg);text-decoration:none}
+header.top nav{display:flex;flex-wrap:wrap;gap:.2rem .9rem}
+header.top .who{margin-left:auto;color:var(--muted);font-size:.9rem}
+main{max-width:72rem;margin:0 auto;padding:1rem}
+h1{font-size:1.35rem;margin:.4rem 0 .8rem;overflow-wrap:anywhere}
+h2{font-size:1.1rem;margin:0 0 .6rem}
+section.panel{border:1px solid var(--line);border-radius:8px;padding:1rem;margin:0 0 1rem;
+ background:var(--bg)}
+.crumbs{margin:0 0 .4rem;color:var(--muted);overflow-wrap:anywhere}
+.crumbs a{text-decoration:none}
+.muted{color:var(--muted)}
+.ok{color:var(--ok)} .bad{color:var(--bad)} .warn{color:var(--warn)}
+code,.hash{font-family:ui-monospace,"DejaVu Sans Mono",monospace;font-size:.88em;
+ background:var(--code);padding:0 .25rem;border-radius:3px;overflow-wrap:anywhere}
+.table-wrap{overflow-x:auto;-webkit-overflow-scrolling:touch;max-width:100%}
+table{border-collapse:collapse;width:100%}
+th,td{padding:.3rem .5rem;border-bottom:1px solid var(--line);text-align:left;vertical-align:top}
+th{font-size:.85rem;color:var(--muted);font-weight:600;white-space:nowrap}
+th a{color:inherit}
+td.name{overflow-wrap:anywhere;min-width:10rem}
+td.num{text-align:right;white-space:nowrap}
+td.when{white-space:nowrap}
+tr:hover td{background:var(--panel)}
+button,.button,input,select,textarea{font:inherit}
+button,.button{display:inline-block;border:1px solid var(--accent);background:var(--accent);
+ color:var(--accent-fg);border-radius:6px;padding:.3rem .8rem;cursor:pointer;text-decoration:none;
+ line-height:1.4}
+button.quiet,.button.quiet{background:transparent;color:var(--accent)}
+button.danger{background:transparent;color:var(--bad);border-color:var(--bad)}
+button:disabled{opacity:.55;cursor:default}
+input[type=text],input[type=search],input[type=password],input[type=number],textarea,select{
+ background:var(--bg);color:var(--fg);border:1px solid var(--line);border-radius:6px;
+ padding:.3rem .5rem;max-width:100%}
+textarea{width:100%;min-height:3.2rem;font-family:ui-monospace,"DejaVu Sans Mono",monospace}
+label{display:inline-flex;flex-wrap:wrap;gap:.3rem;align-items:center}
+.row{display:flex;flex-wrap:wrap;gap:.5rem 1rem;align-items:center;margin:.5rem 0}
+.row.stretch>*{flex:1 1 14rem}
+.drop{display:block;width:100%;border:2px dashed var(--line);border-radius:8px;padding:1.4rem;
+ text-align:center;background:var(--panel);color:var(--fg);cursor:pointer}
+.drop.over{border-color:var(--accent)}
+.drop strong{color:var(--accent)}
+progress{width:100%;height:.8rem;accent-color:var(--accent)}
+.queue td.bar{min-width:7rem;width:30%}
+.queue .status{font-size:.85rem;overflow-wrap:anywhere}
+.result details{margin:.2rem 0}
+.meta-row{display:flex;flex-wrap:wrap;gap:.3rem;margin:.2rem 0}
+.meta-row input{flex:1 1 8rem}
+meter{width:100%;height:1rem}
+dialog{border:1px solid var(--line);border-radius:10px;background:var(--bg);color:var(--fg);
+ max-width:min(32rem,94vw);padding:1rem 1.2rem}
+dialog::backdrop{background:rgba(0,0,0,.45)}
+.picker-list{list-style:none;padding:0;margin:.5rem 0;max-height:50vh;overflow:auto}
+.picker-list li{padding:.15rem 0}
+.gone{color:var(--muted)}
+.gone s{text-decoration-thickness:1px}
+.notice{border-left:4px solid var(--accent);padding:.4rem .8rem;background:var(--panel);margin:.5rem 0}
+.notice.bad{border-left-color:var(--bad)}
+@media (max-width:40rem){main{padding:.6rem}section.panel{padding:.7rem}
+ th,td{padding:.25rem .35rem}header.top .who{margin-left:0}}
+"""
+
+PAGE_JS = r""""use strict";
+// http_bucket's page script: the token, deletes, the uploader, the lookup.
+// Everything shown from data is set with textContent (names are never HTML).
+const $ = (selector, root) => (root || document).querySelector(selector);
+const $$ = (selector, root) => Array.from((root || document).querySelectorAll(selector));
+const TOKEN_KEY = "http_bucket.token";
+const RESUMABLE_FROM = 8 * 1024 * 1024;  // larger files go as resumable uploads
+const PIECE = 8 * 1024 * 1024;           // bytes per append of a resumable upload
+const PARALLEL = 3;                      // files sent at once
+
+function el(tag, text, attrs) {
+  const node = document.createElement(tag);
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  for (const [key, value] of Object.entries(attrs || {})) node.setAttribute(key, value);
+  return node;
+}
+function human(bytes) {
+  const units = ["bytes", "KiB", "MiB", "GiB", "TiB"];
+  let value = bytes, unit = 0;
+  while (value >= 1024 && unit < units.length - 1) { value /= 1024; unit++; }
+  return unit ? value.toFixed(1) + " " + units[unit] : bytes + " bytes";
+}
+function sizeNode(bytes) { return el("span", human(bytes), {title: bytes + " bytes"}); }
+function token() { return sessionStorage.getItem(TOKEN_KEY) || ""; }
+function authHeaders(extra) {
+  const headers = Object.assign({}, extra || {});
+  if (token()) headers["Authorization"] = "Bearer " + token();
+  return headers;
+}
+function say(target, text, kind) {
+  target.textContent = text;
+  target.className = kind || "";
+}
+function explain(status, body) {
+  const error = body && body.error ? body.error : "";
+  if (status === 401) return "This needs a token" + (error ? " (" + error + ")" : "") +
+    ": the server asks for one to do this. Enter it and try again.";
+  if (status === 403) return "Not allowed with this token" + (error ? ": " + error : ".");
+  if (status === 507) return "The server is out of room: " + error;
+  if (status === 0) return "The server could not be reached (network error).";
+  return error || ("HTTP " + status);
+}
+async function json(response) {
+  try { return await response.json(); } catch (e) { return null; }
+}
+
+// -- the token: asked once, kept for this tab -------------------------------
+const Login = {
+  pending: null,
+  ask(reason) {
+    if (this.pending) return this.pending;
+    const dialog = $("#login");
+    $("#login-reason").textContent = reason || "This server needs a token.";
+    $("#login-error").textContent = "";
+    $("#login-token").value = "";
+    this.pending = new Promise((resolve) => {
+      const done = (ok) => { dialog.close(); this.pending = null; resolve(ok); };
+      $("#login-form").onsubmit = async (event) => {
+        event.preventDefault();
+        const candidate = $("#login-token").value.trim();
+        const access = await checkToken(candidate);
+        if (!access.read && !access.write) {
+          $("#login-error").textContent = "That token is not accepted by this server.";
+          return;
+        }
+        sessionStorage.setItem(TOKEN_KEY, candidate);
+        await rememberForNavigation(candidate);
+        showWho(access);
+        done(true);
+      };
+      $("#login-cancel").onclick = () => done(false);
+      dialog.showModal();
+      $("#login-token").focus();
+    });
+    return this.pending;
+  },
+};
+async function checkToken(candidate) {
+  const response = await fetch("/access", {headers: {"Authorization": "Bearer " + candidate}});
+  return (await json(response)) || {};
+}
+function rememberForNavigation(candidate) {
+  // Links and downloads cannot carry a header: let the browser keep the token
+  // as Basic credentials for this site (it sends them on every navigation).
+  return new Promise((resolve) => {
+    const xhr = new XMLHttpRequest();
+    xhr.open("GET", "/access?login=1", true, "bucket", candidate);
+    xhr.onloadend = () => resolve();
+    xhr.send();
+  });
+}
+async function showWho(access) {
+  access = access || (await json(await fetch("/access", {headers: authHeaders()}))) || {};
+  const who = $("#who"), button = $("#token-button");
+  const tokens = access.read_token_required || access.write_token_required;
+  if (button) button.hidden = !tokens;
+  if (who) {
+    const can = [access.read && "read", access.write && "write"].filter(Boolean).join(" and ");
+    who.textContent = tokens ? (token() ? "this tab may " + (can || "nothing") :
+      "no token in this tab") : "";
+  }
+  $$("[data-needs-write]").forEach((node) => { node.hidden = !access.write; });
+}
+async function authorized(url, options, reason) {
+  // fetch; on a 401 ask for the token once and try again.
+  const request = () => fetch(url, Object.assign({}, options,
+    {headers: authHeaders((options || {}).headers)}));
+  let response = await request();
+  if (response.status === 401 && await Login.ask(reason)) response = await request();
+  return response;
+}
+
+// -- delete buttons in listings ----------------------------------------------
+function wireDeletes() {
+  $$("button[data-delete]").forEach((button) => {
+    button.addEventListener("click", async () => {
+      const path = button.dataset.delete;
+      if (!confirm("Delete " + path + "?" + (path.endsWith("/") ?
+          " Everything in this folder goes." : ""))) return;
+      const status = $("#status");
+      const response = await authorized("/" + path.split("/").map(encodeURIComponent).join("/"),
+        {method: "DELETE"}, "Deleting needs the write token.");
+      const body = await json(response);
+      if (response.ok) {
+        const row = button.closest("tr");
+        if (row) row.remove();
+        say(status, "Deleted " + path + " (" + body.names + " name(s), " + body.reclaimed +
+            " blob(s) reclaimed).", "ok");
+      } else {
+        say(status, "Could not delete " + path + ": " + explain(response.status, body), "bad");
+      }
+    });
+  });
+}
+
+// -- the uploader ---------------------------------------------------------------
+const Uploader = {
+  queue: [], running: 0, total: 0, sent: 0, items: [],
+  init() {
+    const drop = $("#drop");
+    if (!drop) return;
+    const pick = $("#pick-files"), folder = $("#pick-folder");
+    drop.addEventListener("click", () => pick.click());
+    $("#choose-folder").addEventListener("click", () => folder.click());
+    pick.addEventListener("change", () => { this.add(Array.from(pick.files).map((file) =>
+      ({file, path: file.name}))); pick.value = ""; });
+    folder.addEventListener("change", () => { this.add(Array.from(folder.files).map((file) =>
+      ({file, path: file.webkitRelativePath || file.name}))); folder.value = ""; });
+    drop.addEventListener("dragover", (event) => { event.preventDefault();
+      drop.classList.add("over"); });
+    drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+    drop.addEventListener("drop", async (event) => {
+      event.preventDefault();
+      drop.classList.remove("over");
+      this.add(await droppedFiles(event.dataTransfer));
+    });
+    $("#cancel-all").addEventListener("click", () => this.items.forEach((item) => item.cancel()));
+    $("#add-meta").addEventListener("click", () => addMetaRow());
+    $("#pick-target").addEventListener("click", () => Picker.open());
+    $$("input[name=target]").forEach((radio) => radio.addEventListener("change", () => {
+      $("#folder").disabled = radio.value !== "files" || !radio.checked;
+      $("#pick-target").disabled = $("#folder").disabled;
+    }));
+  },
+  options() {
+    const target = $("input[name=target]:checked").value;
+    const folder = $("#folder").value.trim().replace(/^\/+|\/+$/g, "");
+    const headers = {};
+    $$(".meta-row").forEach((row) => {
+      const key = $(".meta-key", row).value.trim(), value = $(".meta-value", row).value.trim();
+      if (key) headers["X-Bucket-Meta-" + key] = value;
+    });
+    const days = $("#retain").value.trim();
+    if (days) headers["X-Retain-Days"] = days;
+    if ($("#keep").checked) headers["X-Bucket-Keep"] = "true";
+    return {target, folder, headers};
+  },
+  add(files) {
+    if (!files.length) return;
+    const options = this.options();
+    if (options.target === "files" && !options.folder) {
+      say($("#upload-status"), "Type a folder under files/ (or pick one), or send to the bucket.",
+          "bad");
+      return;
+    }
+    $("#queue-wrap").hidden = false;
+    for (const entry of files) {
+      const item = new Item(entry.file, entry.path, options);
+      this.items.push(item);
+      this.queue.push(item);
+      this.total += entry.file.size;
+    }
+    this.pump();
+  },
+  pump() {
+    while (this.running < PARALLEL && this.queue.length) {
+      const item = this.queue.shift();
+      if (item.cancelled) continue;
+      this.running++;
+      item.run().finally(() => { this.running--; this.progress(); this.pump();
+        if (!this.running && !this.queue.length) this.finished(); });
+    }
+    this.progress();
+  },
+  progress() {
+    const done = this.items.reduce((sum, item) => sum + item.done, 0);
+    const bar = $("#overall");
+    bar.max = Math.max(this.total, 1);
+    bar.value = done;
+    const finished = this.items.filter((item) => item.state !== "waiting" &&
+      item.state !== "sending").length;
+    $("#overall-text").textContent = finished + " of " + this.items.length + " files, " +
+      human(done) + " of " + human(this.total);
+  },
+  finished() {
+    const failed = this.items.filter((item) => item.state === "failed").length;
+    say($("#upload-status"), failed ? failed + " file(s) failed: see below." :
+        "All files stored.", failed ? "bad" : "ok");
+    refreshUploads();
+    refreshStorage();
+  },
+};
+
+function targetUrl(options, path) {
+  const parts = path.split("/").filter(Boolean).map(encodeURIComponent);
+  if (options.target === "bucket") return "/upload/" + parts[parts.length - 1];
+  return "/files/" + options.folder.split("/").map(encodeURIComponent).join("/") + "/" +
+    parts.join("/");
+}
+
+class Item {
+  constructor(file, path, options) {
+    this.file = file; this.path = path; this.options = options;
+    this.done = 0; this.state = "waiting"; this.xhr = null; this.location = null;
+    this.cancelled = false;
+    this.row = el("tr");
+    this.row.appendChild(el("td", path, {class: "name"}));
+    const size = el("td", null, {class: "num"});
+    size.appendChild(sizeNode(file.size));
+    this.row.appendChild(size);
+    const bar = el("td", null, {class: "bar"});
+    this.bar = el("progress", null, {max: String(Math.max(file.size, 1)), value: "0",
+      "aria-label": "progress of " + path});
+    bar.appendChild(this.bar);
+    this.row.appendChild(bar);
+    this.status = el("td", "waiting", {class: "status"});
+    this.row.appendChild(this.status);
+    const cancelCell = el("td");
+    this.cancelButton = el("button", "Cancel", {type: "button", class: "quiet",
+      "aria-label": "cancel " + path});
+    this.cancelButton.addEventListener("click", () => this.cancel());
+    cancelCell.appendChild(this.cancelButton);
+    this.row.appendChild(cancelCell);
+    $("#queue tbody").appendChild(this.row);
+    this.started = 0; this.lastTime = 0; this.lastBytes = 0; this.rate = 0;
+  }
+  show(sent) {
+    this.done = sent;
+    this.bar.value = sent;
+    const now = performance.now();
+    if (now - this.lastTime > 500) {
+      if (this.lastTime) this.rate = (sent - this.lastBytes) / ((now - this.lastTime) / 1000);
+      this.lastTime = now; this.lastBytes = sent;
+    }
+    const percent = this.file.size ? Math.floor(sent * 100 / this.file.size) : 100;
+    this.status.textContent = percent + " %" + (this.rate ? ", " + human(this.rate) + "/s" : "");
+    Uploader.progress();
+  }
+  cancel() {
+    if (this.state === "stored" || this.state === "failed") return;
+    this.cancelled = true;
+    if (this.xhr) this.xhr.abort();
+    if (this.location) fetch(this.location, {method: "DELETE", headers: authHeaders()});
+    this.state = "cancelled";
+    this.status.textContent = "cancelled: nothing of it is kept";
+    this.cancelButton.disabled = true;
+    Uploader.progress();
+  }
+  async run() {
+    this.state = "sending";
+    this.lastTime = performance.now();
+    try {
+      const receipt = this.file.size >= RESUMABLE_FROM ? await this.resumable() :
+        await this.send("PUT", targetUrl(this.options, this.path), this.options.headers,
+                        this.file, 0);
+      if (this.cancelled) return;
+      this.state = "stored";
+      this.done = this.file.size;
+      this.bar.value = this.file.size;
+      this.cancelButton.disabled = true;
+      showResult(this.status, receipt);
+    } catch (failure) {
+      if (this.cancelled) return;
+      this.state = "failed";
+      this.cancelButton.disabled = true;
+      this.status.textContent = "failed: " + failure.message;
+      this.status.className = "status bad";
+    }
+  }
+  send(method, url, headers, body, base) {
+    // One XHR (for upload progress); resolves with the JSON answer, rejects
+    // with Error(explained text) or Error("network") for a dropped connection.
+    return new Promise((resolve, reject) => {
+      const attempt = (retried) => {
+        const xhr = new XMLHttpRequest();
+        this.xhr = xhr;
+        xhr.open(method, url);
+        for (const [key, value] of Object.entries(authHeaders(headers))) xhr.setRequestHeader(key, value);
+        xhr.upload.onprogress = (event) => this.show(base + event.loaded);
+        xhr.onload = async () => {
+          let answer = null;
+          try { answer = JSON.parse(xhr.responseText); } catch (e) { answer = null; }
+          if (xhr.status === 401 && !retried && await Login.ask("Uploading needs the write token.")) {
+            attempt(true);
+            return;
+          }
+          if (xhr.status >= 200 && xhr.status < 300) resolve({status: xhr.status, answer,
+            location: xhr.getResponseHeader("Location")});
+          else reject(new Error(explain(xhr.status, answer)));
+        };
+        xhr.onerror = () => reject(Object.assign(new Error("network"), {network: true}));
+        xhr.onabort = () => reject(new Error("cancelled"));
+        xhr.send(body);
+      };
+      attempt(false);
+    }).then((result) => result.answer && result.answer.files ? result.answer : result);
+  }
+  async resumable() {
+    const created = await this.send("PUT", targetUrl(this.options, this.path),
+      Object.assign({"Upload-Complete": "?0", "Upload-Length": String(this.file.size)},
+                    this.options.headers), null, 0);
+    this.location = created.location;
+    let offset = 0, failures = 0;
+    for (;;) {
+      const end = Math.min(offset + PIECE, this.file.size);
+      const last = end === this.file.size;
+      try {
+        const answer = await this.send("PATCH", this.location, {
+          "Content-Type": "application/partial-upload", "Upload-Offset": String(offset),
+          "Upload-Complete": last ? "?1" : "?0"}, this.file.slice(offset, end), offset);
+        if (last) { this.location = null; return answer; }
+        offset = end;
+        failures = 0;
+      } catch (failure) {
+        if (!failure.network || this.cancelled || ++failures > 5) throw failure;
+        this.status.textContent = "connection lost: resuming...";
+        await new Promise((wake) => setTimeout(wake, 1000 * failures));
+        const head = await fetch(this.location, {method: "HEAD", headers: authHeaders()});
+        if (!head.ok) throw new Error("the upload could not be resumed: " + explain(head.status));
+        offset = parseInt(head.headers.get("Upload-Offset"), 10);
+      }
+    }
+  }
+}
+
+function showResult(cell, receipt) {
+  cell.textContent = "";
+  cell.className = "status result";
+  for (const file of receipt.files) {
+    const line = el("div");
+    const href = file.url_name || (file.url + "?name=" + encodeURIComponent(file.name));
+    line.appendChild(el("a", file.name, {href}));
+    line.appendChild(document.createTextNode(" " + (file.stored === "new" ? "stored" :
+      "already stored") + (file.deployed ? " (deployed)" : "")));
+    cell.appendChild(line);
+    if (file.extracted) {
+      const tree = el("div");
+      tree.appendChild(document.createTextNode("expanded: "));
+      tree.appendChild(el("a", file.extracted.count + " members", {href: file.tree}));
+      cell.appendChild(tree);
+      if (file.extracted.skipped.length) {
+        const details = el("details");
+        details.appendChild(el("summary", file.extracted.skipped.length + " skipped"));
+        const list = el("ul");
+        for (const skip of file.extracted.skipped) list.appendChild(el("li", skip.path + ": " + skip.reason));
+        details.appendChild(list);
+        cell.appendChild(details);
+      }
+    }
+    if (file.decompressed) cell.appendChild(el("div", "decompressed: " + file.decompressed.name));
+    if (file.expansion_error) cell.appendChild(el("div", "not expanded: " + file.expansion_error,
+      {class: "warn"}));
+  }
+}
+
+async function droppedFiles(transfer) {
+  // Files and whole folders (directory entries walked).
+  const entries = Array.from(transfer.items || []).map((item) =>
+    item.webkitGetAsEntry ? item.webkitGetAsEntry() : null);
+  if (!entries.some(Boolean)) return Array.from(transfer.files).map((file) => ({file, path: file.name}));
+  const found = [];
+  const walk = async (entry, prefix) => {
+    if (!entry) return;
+    if (entry.isFile) {
+      const file = await new Promise((resolve, reject) => entry.file(resolve, reject));
+      found.push({file, path: prefix + file.name});
+    } else if (entry.isDirectory) {
+      const reader = entry.createReader();
+      for (;;) {
+        const batch = await new Promise((resolve, reject) => reader.readEntries(resolve, reject));
+        if (!batch.length) break;
+        for (const child of batch) await walk(child, prefix + entry.name + "/");
+      }
+    }
+  };
+  for (const entry of entries) await walk(entry, "");
+  return found;
+}
+
+function addMetaRow() {
+  const row = el("div", null, {class: "meta-row"});
+  const key = el("input", null, {type: "text", class: "meta-key", placeholder: "key (e.g. job)",
+    "aria-label": "metadata key"});
+  const value = el("input", null, {type: "text", class: "meta-value", placeholder: "value",
+    "aria-label": "metadata value"});
+  const remove = el("button", "Remove", {type: "button", class: "quiet"});
+  remove.addEventListener("click", () => row.remove());
+  row.append(key, value, remove);
+  $("#meta-rows").appendChild(row);
+  key.focus();
+}
+
+// -- picking a folder under files/ ------------------------------------------------
+const Picker = {
+  async open(path) {
+    path = path === undefined ? $("#folder").value.trim().replace(/^\/+|\/+$/g, "") : path;
+    const dialog = $("#picker");
+    const list = $("#picker-list");
+    $("#picker-path").textContent = "files/" + (path ? path + "/" : "");
+    list.textContent = "";
+    const url = "/files/" + (path ? path.split("/").map(encodeURIComponent).join("/") + "/" : "") +
+      "?format=json";
+    const response = await authorized(url, {}, "Browsing needs the read token.");
+    const body = await json(response);
+    if (path) {
+      const up = el("button", "..", {type: "button", class: "quiet"});
+      up.addEventListener("click", () => this.open(path.split("/").slice(0, -1).join("/")));
+      const item = el("li"); item.appendChild(up); list.appendChild(item);
+    }
+    for (const entry of (body && body.entries) || []) {
+      if (entry.type !== "dir") continue;
+      const item = el("li");
+      const go = el("button", entry.name + "/", {type: "button", class: "quiet"});
+      go.addEventListener("click", () => this.open((path ? path + "/" : "") + entry.name));
+      item.appendChild(go);
+      list.appendChild(item);
+    }
+    $("#picker-use").onclick = () => { $("#folder").value = path; dialog.close(); };
+    if (!dialog.open) dialog.showModal();
+  },
+};
+
+// -- look up: digests, or md5sum/sha256sum lines ------------------------------------
+const DIGEST = /^[0-9a-fA-F]{32}$|^[0-9a-fA-F]{40}$|^[0-9a-fA-F]{64}$|^[0-9a-fA-F]{128}$/;
+function digestsIn(text) {
+  const found = [];
+  for (const line of text.split(/\r?\n/)) {
+    const words = line.trim().replace(/^\\/, "").split(/[\s=()*]+/).filter(Boolean);
+    const digest = words.find((word) => DIGEST.test(word));
+    if (digest) found.push({digest: digest.toLowerCase(), line: line.trim()});
+  }
+  return found;
+}
+async function lookUp(event) {
+  event.preventDefault();
+  const out = $("#lookup-result");
+  out.textContent = "";
+  const wanted = digestsIn($("#lookup-text").value);
+  if (!wanted.length) {
+    say(out, "No checksum found: paste an md5, sha1, sha256 or sha512 (hex), or lines of " +
+        "md5sum / sha256sum output.", "bad");
+    return;
+  }
+  const response = await authorized("/checksum", {method: "POST",
+    body: JSON.stringify({digests: wanted.map((item) => item.digest)})},
+    "Looking up needs the read token.");
+  const answer = await json(response);
+  if (!response.ok) { say(out, explain(response.status, answer), "bad"); return; }
+  const list = el("ul");
+  for (const item of wanted) {
+    const present = answer.present[item.digest];
+    const line = el("li", null, {class: present ? "ok" : "bad"});
+    line.appendChild(el("code", item.digest.slice(0, 16) + "…", {title: item.digest}));
+    if (!present) {
+      line.appendChild(document.createTextNode(" not stored"));
+    } else {
+      line.appendChild(document.createTextNode(" stored, "));
+      line.appendChild(sizeNode(present.size));
+      await describeStored(line, present.sha256);
+    }
+    list.appendChild(line);
+  }
+  out.appendChild(list);
+}
+async function describeStored(line, sha256) {
+  const response = await authorized("/uploads?format=json&limit=3&sha256=" + sha256, {});
+  const body = await json(response);
+  const records = (body && body.uploads) || [];
+  const download = records.length ? records[0].urls.download : "/checksum/" + sha256;
+  line.appendChild(document.createTextNode(" — "));
+  line.appendChild(el("a", "download" + (records.length ? " " + records[0].name : ""),
+    {href: download}));
+  for (const record of records) {
+    for (const [index, name] of record.names.concat(record.replicas).entries()) {
+      const urls = record.urls.names.concat(record.urls.replicas);
+      line.appendChild(document.createTextNode(", "));
+      line.appendChild(el("a", name, {href: urls[index]}));
+    }
+    if (record.urls.tree) {
+      line.appendChild(document.createTextNode(", "));
+      line.appendChild(el("a", "expanded tree", {href: record.urls.tree}));
+    }
+  }
+}
+
+// -- the uploads list and the storage, refreshed after uploads ----------------------
+async function refreshUploads() {
+  const holder = $("#uploads-table");
+  if (!holder) return;
+  const response = await fetch("/uploads?fragment=1&" + (holder.dataset.query || ""),
+    {headers: authHeaders({"Accept": "text/html"})});
+  if (response.ok) holder.innerHTML = await response.text();  // rendered (escaped) by the server
+}
+async function refreshStorage() {
+  const holder = $("#storage-text");
+  if (!holder) return;
+  const health = await (await fetch("/healthz")).json();
+  renderStorage(health);
+}
+function renderStorage(health) {
+  const holder = $("#storage-text");
+  holder.textContent = "";
+  holder.appendChild(document.createTextNode("Stored: "));
+  holder.appendChild(sizeNode(health.stored_bytes));
+  holder.appendChild(document.createTextNode(" in " + health.blobs + " blobs" +
+    (health.max_size ? " of a " : ".")));
+  if (health.max_size) {
+    holder.appendChild(sizeNode(health.max_size));
+    holder.appendChild(document.createTextNode(" cap (least recently used content is evicted)."));
+  }
+  holder.appendChild(el("br"));
+  holder.appendChild(document.createTextNode("Free on the disk: "));
+  holder.appendChild(sizeNode(health.free_bytes));
+  holder.appendChild(document.createTextNode(", kept free: "));
+  holder.appendChild(sizeNode(health.min_free_bytes));
+  if (health.status === "degraded") holder.appendChild(el("strong",
+    " Under the floor: uploads are refused until there is room.", {class: "bad"}));
+  const meter = $("#storage-meter");
+  if (meter && health.max_size) { meter.max = health.max_size; meter.value = health.stored_bytes;
+    meter.high = health.max_size * 0.9; meter.hidden = false; }
+}
+
+// -- start ----------------------------------------------------------------------------
+document.addEventListener("DOMContentLoaded", () => {
+  wireDeletes();
+  Uploader.init();
+  const lookup = $("#lookup");
+  if (lookup) lookup.addEventListener("submit", lookUp);
+  const loginPage = $("#login-page");
+  if (loginPage) {
+    loginPage.addEventListener("submit", async (event) => {
+      event.preventDefault();
+      const candidate = $("#page-token").value.trim();
+      const access = await checkToken(candidate);
+      if (!access.read) { say($("#page-token-error"), "That token does not allow reading.", "bad");
+        return; }
+      sessionStorage.setItem(TOKEN_KEY, candidate);
+      await rememberForNavigation(candidate);
+      location.reload();
+    });
+  }
+  const tokenButton = $("#token-button");
+  if (tokenButton) tokenButton.addEventListener("click", async () => {
+    if (await Login.ask("Enter the token for this tab.")) location.reload();
+  });
+  showWho();
+});
+"""
+
+FAVICON_SVG = ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 64 64">'
+               '<path d="M12 20h40l-5 36H17z" fill="#0b5cad"/>'
+               '<path d="M8 14h48v8H8z" fill="#6cb0ff"/>'
+               '<path d="M26 30h12v4H26z" fill="#fff"/></svg>')
+ASSET_VERSION = hashlib.sha256((PAGE_CSS + PAGE_JS).encode()).hexdigest()[:12]
+ASSET_MAX_AGE = 31536000            # seconds: assets are named by their hash
+LISTING_SORTS = ("name", "size", "made")
+
+_NAV = (("/", "Uploads"), ("/files/", "Files"), ("/replica/", "Replicas"),
+        ("/explode/", "Expanded"), ("/upload", "Simple form"), ("/config", "Config"))
+
+
+def escape(value):
+    return html.escape(str(value), quote=True)
+
+
+def size_html(size):
+    """A size for people; the exact bytes on hover."""
+    return "<span title='%d bytes'>%s</span>" % (size, escape(human_bytes(size)))
+
+
+def time_html(epoch):
+    if not epoch:
+        return ""
+    return "<time datetime='%s'>%s</time>" % (
+        iso_time(epoch), time.strftime("%Y-%m-%d %H:%M", time.gmtime(epoch)))
+
+
+LOGIN_DIALOG = (
+    "<dialog id='login' aria-labelledby='login-title'><form id='login-form' method='dialog'>"
+    "<h2 id='login-title'>Token</h2><p id='login-reason'></p>"
+    "<p><label>Token <input type='password' id='login-token' autocomplete='current-password' "
+    "required></label></p><p id='login-error' class='bad' aria-live='polite'></p>"
+    "<p class='muted'>Kept for this tab only (sessionStorage); never sent elsewhere.</p>"
+    "<div class='row'><button type='submit'>Use it</button>"
+    "<button type='button' class='quiet' id='login-cancel'>Cancel</button></div></form></dialog>")
+
+
+def page_top(title, crumbs="", who=True):
+    """The start of a page, down to its heading: head (viewport, the cached
+    stylesheet and script, the icon), the header and its links, ``crumbs``."""
+    nav = "".join("<a href='%s'>%s</a>" % (href, text) for href, text in _NAV)
+    return (
+        "<!doctype html>\n<html lang='en'><head><meta charset='utf-8'>"
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+        "<title>%s - http_bucket</title>"
+        "<link rel='icon' href='/favicon.ico' type='image/svg+xml'>"
+        "<link rel='stylesheet' href='/static/style.css?v=%s'>"
+        "<script src='/static/app.js?v=%s' defer></script></head><body>"
+        "<header class='top'><a class='brand' href='/'>http_bucket</a>"
+        "<nav aria-label='sections'>%s</nav>%s</header><main>%s<h1>%s</h1>" % (
+            escape(title), ASSET_VERSION, ASSET_VERSION, nav,
+            "<span class='who'><span id='who' aria-live='polite'></span> "
+            "<button type='button' class='quiet' id='token-button' hidden>Token</button>"
+            "</span>" if who else "", crumbs, escape(title)))
+
+
+def page_bottom():
+    return "</main>%s</body></html>\n" % LOGIN_DIALOG
+
+
+def page_html(title, body, crumbs="", who=True):
+    """A whole page: page_top, ``body`` (HTML), page_bottom."""
+    return page_top(title, crumbs, who) + body + page_bottom()
+
+
+def crumbs_html(relpath):
+    """``bucket / files / team / build-42``, each a link."""
+    parts = [part for part in relpath.strip("/").split("/") if part]
+    links = ["<a href='/'>bucket</a>"]
+    for depth in range(len(parts)):
+        href = "/" + "/".join(urllib.parse.quote(part) for part in parts[:depth + 1]) + "/"
+        links.append("<a href='%s'>%s</a>" % (escape(href), escape(parts[depth])))
+    return "<nav class='crumbs' aria-label='where'>%s</nav>" % " / ".join(links)
+
+
+# -- listings ------------------------------------------------------------------
+
+def listing_html_head(relpath, sort, order, can_delete):
+    """The top of a directory listing, down to its first row."""
+    def column(key, text):
+        flip = "desc" if sort == key and order == "asc" else "asc"
+        mark = (" \u25b2" if order == "asc" else " \u25bc") if sort == key else ""
+        state = " aria-sort='%s'" % ("ascending" if order == "asc" else "descending") \
+            if sort == key else ""
+        return "<th scope='col'%s><a href='?sort=%s&amp;order=%s'>%s%s</a></th>" % (
+            state, key, flip, text, mark)
+    return (page_top(relpath.rstrip("/") + "/", crumbs_html(relpath))
+            + "<p class='row'><span>Download this folder as</span>"
+            "<a class='button quiet' href='?download=zip'>zip</a>"
+            "<a class='button quiet' href='?download=tar.gz'>tar.gz</a></p>"
+            "<p id='status' aria-live='polite'></p><div class='table-wrap'><table><thead><tr>"
+            + column("name", "name") + column("size", "size") + column("made", "made (UTC)")
+            + "<th scope='col'>expires</th><th scope='col'>sha256</th>"
+            + ("<th scope='col'><span class='muted'>delete</span></th>" if can_delete else "")
+            + "</tr></thead><tbody>")
+
+
+def listing_html_row(entry, relpath, can_delete):
+    is_dir = entry.get("type") == "dir"
+    name = entry["name"] + ("/" if is_dir else "")
+    link = urllib.parse.quote(entry["name"]) + ("/" if is_dir else "")
+    extra = (" <span class='muted'>&rarr; %s</span>" % escape(entry["target"])
+             if entry.get("type") == "symlink" else "")
+    sha256 = entry.get("sha256") or ""
+    delete = ""
+    if can_delete:
+        delete = ("<td><button type='button' class='danger' data-needs-write "
+                  "data-delete='%s' aria-label='delete %s'>Delete</button></td>"
+                  % (escape(relpath.strip("/") + "/" + name), escape(name)))
+    return ("<tr><td class='name'><a href='%s'>%s</a>%s</td><td class='num'>%s</td>"
+            "<td class='when'>%s</td><td class='when'>%s</td><td><span class='hash' title='%s'>"
+            "%s</span></td>%s</tr>\n" % (
+                escape(link), escape(name), extra,
+                size_html(entry["size"]) if "size" in entry else "",
+                time_html(entry.get("made")), time_html(entry.get("expires")), escape(sha256),
+                escape(sha256[:12]), delete))
+
+
+def listing_html_tail(next_marker, sort, order):
+    more = ""
+    if next_marker:
+        more = ("<p><a href='?%s'>next page</a></p>"
+                % escape(urllib.parse.urlencode({"after": next_marker, "limit": LISTING_PAGE,
+                                                 "sort": sort, "order": order})))
+    return "</tbody></table></div>%s%s" % (more, page_bottom())
+
+
+# -- the uploads log and the home page ---------------------------------------------
+
+def uploads_table_html(entries, query, cursor):
+    """The uploads as a table (the home page's list, /uploads, and the
+    fragment the page fetches after uploading)."""
+    rows = []
+    for entry in entries:
+        urls = entry["urls"]
+        made = []
+        for name, link in zip(entry["names"] + entry["replicas"], urls["names"] + urls["replicas"]):
+            made.append("<s>%s</s>" % escape(name) if name in entry["names_gone"]
+                        else "<a href='%s'>%s</a>" % (escape(link), escape(name)))
+        if urls["tree"]:
+            made.append("<a href='%s'>expanded tree</a>" % escape(urls["tree"]))
+        name = ("<span class='gone'><s>%s</s> (%s)</span>" % (escape(entry["name"]),
+                                                             escape(entry["gone"]))
+                if entry["gone"] else "<a href='%s'>%s</a>" % (escape(urls["download"]),
+                                                              escape(entry["name"])))
+        meta = " ".join("<code>%s=%s</code>" % (escape(key), escape(value))
+                        for key, value in sorted(entry["meta"].items()))
+        rows.append("<tr><td class='when'>%s</td><td class='name'>%s</td><td class='num'>%s</td>"
+                    "<td class='name'>%s</td><td>%s</td><td><span class='hash' title='%s'>%s"
+                    "</span></td></tr>" % (
+                        time_html(parse_time(entry["time"], "time")), name,
+                        size_html(entry["size"]), ", ".join(made), meta,
+                        escape(entry["sha256"]), escape(entry["sha256"][:12])))
+    more = ""
+    if cursor:
+        pairs = [(key, value) for key, value in (("name", query.name), ("sha256", query.sha256))
+                 if value] + [("meta." + key, value) for key, value in sorted(query.meta.items())]
+        if query.since is not None:
+            pairs.append(("since", repr(query.since)))
+        if query.until is not None:
+            pairs.append(("until", repr(query.until)))
+        more = "<p><a href='/uploads?%s'>older uploads</a></p>" % escape(
+            urllib.parse.urlencode(pairs + [("limit", query.limit), ("before", cursor)]))
+    if not rows:
+        return "<p class='muted'>No uploads match.</p>"
+    return ("<div class='table-wrap'><table><thead><tr><th scope='col'>when (UTC)</th>"
+            "<th scope='col'>file</th><th scope='col'>size</th><th scope='col'>names</th>"
+            "<th scope='col'>metadata</th><th scope='col'>sha256</th></tr></thead><tbody>%s"
+            "</tbody></table></div>%s" % ("\n".join(rows), more))
+
+
+def uploads_filter_html(query, action):
+    meta = " ".join("%s=%s" % item for item in sorted(query.meta.items()))
+
+    def day(epoch):
+        return time.strftime("%Y-%m-%dT%H:%M", time.gmtime(epoch)) if epoch is not None else ""
+    return (
+        "<form method='get' action='%s' class='row stretch' aria-label='filter uploads'>"
+        "<label>Name <input type='search' name='name' value='%s' placeholder='*.xml'></label>"
+        "<label>Checksum <input type='search' name='sha256' value='%s' "
+        "placeholder='md5, sha1, sha256 or sha512'></label>"
+        "<label>Metadata <input type='search' name='meta' value='%s' placeholder='job=4812'></label>"
+        "<label>Since <input type='text' name='since' value='%s' placeholder='2026-11-30'></label>"
+        "<label>Until <input type='text' name='until' value='%s' placeholder='2026-11-30T12:00'>"
+        "</label><span><button type='submit'>Find</button> <a href='%s'>all</a></span></form>"
+        % (escape(action), escape(query.name or ""), escape(query.sha256 or ""), escape(meta),
+           day(query.since), day(query.until), escape(action)))
+
+
+def uploads_page_html(entries, query, cursor, query_text):
+    return page_html("Uploads", uploads_filter_html(query, "/uploads")
+                     + "<div id='uploads-table' data-query='%s'>%s</div>"
+                     % (escape(query_text), uploads_table_html(entries, query, cursor)),
+                     crumbs=crumbs_html("uploads"))
+
+
+def storage_html(space, health):
+    stored, max_size = health["stored_bytes"], health["max_size"]
+    meter = ("<meter id='storage-meter' min='0' max='%d' value='%d' high='%d'></meter>"
+             % (max_size, stored, int(max_size * LOW_WATERMARK)) if max_size
+             else "<meter id='storage-meter' hidden></meter>")
+    text = "Stored: %s in %d blobs%s<br>Free on the disk: %s, kept free: %s%s" % (
+        size_html(stored), health["blobs"],
+        " of a %s cap (least recently used content is evicted)." % size_html(max_size)
+        if max_size else ".", size_html(space[0]), size_html(space[1]),
+        " <strong class='bad'>Under the floor: uploads are refused until there is room."
+        "</strong>" if space[0] < space[1] else "")
+    return ("<section class='panel' aria-labelledby='storage-title'><h2 id='storage-title'>"
+            "Storage</h2>%s<p id='storage-text'>%s</p></section>" % (meter, text))
+
+
+UPLOAD_PANEL = """
+<section class="panel" aria-labelledby="upload-title"><h2 id="upload-title">Upload</h2>
+<button type="button" class="drop" id="drop"><strong>Choose files</strong> or drop files and
+ folders here<br><span class="muted">archives are expanded; large files resume after a cut</span>
+</button>
+<input type="file" id="pick-files" multiple hidden>
+<input type="file" id="pick-folder" webkitdirectory multiple hidden>
+<div class="row"><button type="button" class="quiet" id="choose-folder">Choose a folder</button></div>
+<fieldset class="row"><legend>Send to</legend>
+<label><input type="radio" name="target" value="bucket" checked> the bucket (/upload)</label>
+<label><input type="radio" name="target" value="files"> a folder under files/</label>
+<label>Folder <input type="text" id="folder" placeholder="team/build-42" disabled
+ aria-label="folder under files/"></label>
+<button type="button" class="quiet" id="pick-target" disabled>Pick…</button></fieldset>
+<details><summary>Metadata, retention, keep</summary>
+<div id="meta-rows"></div>
+<div class="row"><button type="button" class="quiet" id="add-meta">Add metadata</button></div>
+<div class="row"><label>Retain days <input type="number" id="retain" min="0" step="any"
+ placeholder="server default"></label>
+<label><input type="checkbox" id="keep"> Keep: never evict</label></div></details>
+<p id="upload-status" aria-live="polite"></p>
+<div id="queue-wrap" hidden>
+<div class="row"><progress id="overall" value="0" max="1" aria-label="all files"></progress>
+<span id="overall-text" aria-live="polite"></span>
+<button type="button" class="quiet" id="cancel-all">Cancel all</button></div>
+<div class="table-wrap"><table id="queue" class="queue"><thead><tr><th scope="col">file</th>
+<th scope="col">size</th><th scope="col">progress</th><th scope="col">status</th>
+<th scope="col"><span class="muted">cancel</span></th></tr></thead><tbody></tbody></table></div>
+</div>
+<dialog id="picker" aria-labelledby="picker-title"><h2 id="picker-title">Pick a folder</h2>
+<p><code id="picker-path"></code></p><ul class="picker-list" id="picker-list"></ul>
+<div class="row"><button type="button" id="picker-use">Use this folder</button>
+<button type="button" class="quiet" onclick="this.closest('dialog').close()">Close</button></div>
+</dialog></section>
+<section class="panel" aria-labelledby="lookup-title"><h2 id="lookup-title">Is it stored?</h2>
+<form id="lookup"><label for="lookup-text">Paste checksums, or lines of md5sum / sha256sum
+ output</label><textarea id="lookup-text" spellcheck="false"
+ placeholder="d41d8cd98f00b204e9800998ecf8427e  results.xml"></textarea>
+<div class="row"><button type="submit">Look up</button></div></form>
+<div id="lookup-result" aria-live="polite"></div></section>
 """
 
 
-UPLOAD_FORM_HTML = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>Upload - http_bucket</title></head><body>
-<h1>Upload</h1>
-<form method="post" action="/upload" enctype="multipart/form-data">
-<p><label>Files (archives are expanded)<br>
+def home_html(entries, query, cursor, query_text, space, health):
+    return page_html("Uploads", UPLOAD_PANEL + storage_html(space, health)
+                     + "<section class='panel' aria-labelledby='uploads-title'>"
+                     "<h2 id='uploads-title'>Latest uploads</h2>%s"
+                     "<div id='uploads-table' data-query='%s'>%s</div></section>" % (
+                         uploads_filter_html(query, "/"), escape(query_text),
+                         uploads_table_html(entries, query, cursor)))
+
+
+UPLOAD_FORM_BODY = """<p>A plain form: it works without JavaScript. The
+<a href="/">start page</a> shows progress, takes folders and resumes large files.</p>
+<form method="post" action="/upload" enctype="multipart/form-data" class="panel">
+<p><label>Files (archives are expanded)
 <input type="file" name="file" multiple required></label></p>
 <p><label>Retain days (empty: the server's default)
 <input name="retain_days" inputmode="decimal" size="6"></label></p>
 <p><button type="submit">Upload</button></p>
-</form>
-<p><a href="/">Back to the start page</a></p>
-</body></html>
-"""
+</form>"""
 
 
 def receipt_html(receipt):
@@ -4885,96 +5735,31 @@ def receipt_html(receipt):
     for entry in receipt["files"]:
         link = entry.get("url_name") or entry["url"] + "?name=" + urllib.parse.quote(entry["name"])
         tree = entry.get("extracted")
-        rows.append("<tr><td><a href='%s'>%s</a></td><td>%d</td><td>%s</td><td>%s</td></tr>" % (
-            html.escape(link, quote=True), html.escape(entry["name"]), entry["size"],
-            html.escape(entry["stored"]),
-            "<a href='%s'>%d members</a>" % (html.escape(tree["url"] + "/", quote=True),
-                                              tree["count"]) if tree else ""))
-    return ("<!doctype html><html lang='en'><head><meta charset='utf-8'>"
-            "<meta name='viewport' content='width=device-width, initial-scale=1'>"
-            "<title>Stored - http_bucket</title></head><body><h1>Stored</h1><table>"
-            "<tr><th>file</th><th>bytes</th><th>stored</th><th>expanded</th></tr>%s</table>"
-            "<p><a href='/upload'>Upload more</a> &middot; <a href='/'>Start page</a></p>"
-            "</body></html>\n" % "".join(rows))
+        rows.append("<tr><td class='name'><a href='%s'>%s</a></td><td class='num'>%s</td>"
+                    "<td>%s</td><td>%s</td></tr>" % (
+                        escape(link), escape(entry["name"]), size_html(entry["size"]),
+                        escape(entry["stored"]),
+                        "<a href='%s'>%d members</a>" % (escape(entry["tree"]), tree["count"])
+                        if tree else ""))
+    return page_html("Stored", "<div class='table-wrap'><table><thead><tr><th>file</th>"
+                     "<th>size</th><th>stored</th><th>expanded</th></tr></thead><tbody>%s"
+                     "</tbody></table></div><p><a href='/upload'>Upload more</a></p>"
+                     % "".join(rows))
 
 
-def listing_html_head(relpath):
-    title = html.escape(relpath + "/")
-    return ("<!doctype html><html><head><meta charset='utf-8'><title>%s</title>"
-            "<style>body{font:14px system-ui,sans-serif;margin:1.5rem}td,th{padding:.15rem .6rem;"
-            "text-align:left}td.n{text-align:right}</style></head><body><h1>%s</h1>"
-            "<p><a href='../'>..</a> &middot; <a href='/'>upload</a> &middot; download as "
-            "<a href='?download=zip'>zip</a> <a href='?download=tar.gz'>tar.gz</a></p><table>"
-            "<tr><th>name</th><th>size</th><th>made (UTC)</th><th>expires (UTC)</th>"
-            "<th>sha256</th></tr>" % (title, title))
-
-
-def utc_text(epoch):
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(epoch)) if epoch else ""
-
-
-def listing_html_row(entry):
-    name = entry["name"] + ("/" if entry.get("type") == "dir" else "")
-    link = urllib.parse.quote(entry["name"]) + ("/" if entry.get("type") == "dir" else "")
-    extra = " &rarr; " + html.escape(entry["target"]) if entry.get("type") == "symlink" else ""
-    return ("<tr><td><a href='%s'>%s</a>%s</td><td class=n>%s</td><td>%s</td><td>%s</td>"
-            "<td><code>%s</code></td></tr>\n" % (
-                html.escape(link, quote=True), html.escape(name), extra, entry.get("size", ""),
-                utc_text(entry.get("made")), utc_text(entry.get("expires")),
-                entry.get("sha256") or ""))
-
-
-def uploads_html(entries, query, cursor):
-    """The /uploads page: a filter form and the records, newest first."""
-    def text(value):
-        return html.escape(str(value), quote=True)
-
-    meta_text = " ".join("%s=%s" % item for item in sorted(query.meta.items()))
-    rows = []
-    for entry in entries:
-        urls = entry["urls"]
-        made = [("<a href='%s'>%s</a>" % (text(link), text(name)))
-                if name not in entry["names_gone"] else "<s>%s</s>" % text(name)
-                for name, link in zip(entry["names"] + entry["replicas"],
-                                      urls["names"] + urls["replicas"])]
-        if urls["tree"]:
-            made.append("<a href='%s'>tree</a>" % text(urls["tree"]))
-        name = text(entry["name"]) if entry["gone"] else "<a href='%s'>%s</a>" % (
-            text(urls["download"]), text(entry["name"]))
-        rows.append("<tr><td>%s</td><td>%s%s</td><td class=n>%d</td><td><code>%s</code></td>"
-                    "<td>%s</td><td>%s</td><td>%s</td></tr>" % (
-                        text(entry["time"][:19].replace("T", " ")), name,
-                        " (%s)" % text(entry["gone"]) if entry["gone"] else "", entry["size"],
-                        text(entry["sha256"][:16]), " ".join(made),
-                        text(" ".join("%s=%s" % item for item in sorted(entry["meta"].items()))),
-                        text(entry.get("expires") or "")))
-    more = ""
-    if cursor:
-        pairs = [(key, value) for key, value in (
-            ("name", query.name), ("sha256", query.sha256), ("limit", query.limit))
-            if value] + [("meta." + key, value) for key, value in sorted(query.meta.items())]
-        more = "<p><a href='?%s'>older uploads</a></p>" % text(
-            urllib.parse.urlencode(pairs + [("before", cursor)]))
-    return ("<!doctype html><html lang='en'><head><meta charset='utf-8'>"
-            "<meta name='viewport' content='width=device-width, initial-scale=1'>"
-            "<title>Uploads - http_bucket</title><style>body{font:14px system-ui,sans-serif;"
-            "margin:1.5rem}td,th{padding:.15rem .6rem;text-align:left;vertical-align:top}"
-            "td.n{text-align:right}</style></head><body><h1>Uploads</h1>"
-            "<form method='get'><label>name <input name='name' value='%s'></label> "
-            "<label>checksum <input name='sha256' value='%s'></label> "
-            "<label>metadata key=value <input name='meta' value='%s'></label> "
-            "<button>Find</button></form><table><tr><th>time (UTC)</th><th>file</th>"
-            "<th>bytes</th><th>sha256</th><th>names</th><th>metadata</th><th>expires</th></tr>"
-            "%s</table>%s<p><a href='/'>start page</a></p></body></html>\n" % (
-                text(query.name or ""), text(query.sha256 or ""), text(meta_text),
-                "\n".join(rows), more))
-
-
-def listing_html_tail(next_marker):
-    more = ""
-    if next_marker:
-        more = "<p><a href='?after=%s&amp;limit=1000'>next page</a></p>" % urllib.parse.quote(next_marker)
-    return "</table>%s</body></html>\n" % more
+def login_html(write):
+    """The page a browser gets instead of a 401: a form for the token."""
+    return page_html("Token needed", (
+        "<div class='notice'>This server needs a token to %s. Enter it once: it is kept "
+        "for this tab, and this page loads again.</div>"
+        "<form id='login-page' class='panel'><p><label>Token <input type='password' "
+        "id='page-token' autocomplete='current-password' required></label></p>"
+        "<p id='page-token-error' aria-live='polite'></p>"
+        "<p><button type='submit'>Continue</button></p></form>"
+        "<noscript><p class='bad'>Without JavaScript, use curl with "
+        "<code>-H 'Authorization: Bearer TOKEN'</code>, or a browser's Basic login "
+        "(any user name, the token as password).</p></noscript>")
+        % ("write" if write else "read"), who=False)
 
 
 # ===========================================================================
@@ -5137,7 +5922,8 @@ class Handler(BaseHTTPRequestHandler):
 
     ROUTES = {
         "GET": {"": "page", "upload": "upload_form", "checksum": "get_checksum",
-                "uploads": "get_uploads",
+                "uploads": "get_uploads", "static": "static", "favicon.ico": "favicon",
+                "access": "access",
                 "files": "get_path", "explode": "get_path", "replica": "get_path",
                 "config": "get_config", "healthz": "get_health", "metrics": "get_metrics"},
         "POST": {"upload": "post_upload", "files": "post_files", "checksum": "post_checksum"},
@@ -5150,7 +5936,7 @@ class Handler(BaseHTTPRequestHandler):
     ROUTES["HEAD"] = ROUTES["GET"]
     ROUTES["OPTIONS"] = {top: "options" for table in list(ROUTES.values()) for top in table}
     ROUTES["OPTIONS"]["*"] = "options"
-    OPEN_ROUTES = ("get_health", "options")  # answered without the read token
+    OPEN_ROUTES = ("get_health", "options", "static", "favicon", "access")  # no read token
     READ_ROUTES = ("post_checksum",)  # POSTs that only read: the read token will do
     WRITE_ROUTES = ("get_resumable",)  # reads that need the write token
 
@@ -5259,6 +6045,13 @@ class Handler(BaseHTTPRequestHandler):
         if self.response_status:
             self.close_connection = True  # a response already began
             return
+        if exc.status == 401 and self.is_navigation() and exc.headers.get(
+                "WWW-Authenticate") == AUTH_CHALLENGES:
+            # A browser's page load: the token form, and no Basic challenge
+            # (it would open the browser's own login box instead).
+            self.send_page(401, login_html("write" in exc.message),
+                           {"WWW-Authenticate": AUTH_CHALLENGES[0]})
+            return
         body = {"code": exc.status, "status": "error", "error": exc.message}
         body.update(exc.extra)
         headers = dict(exc.headers)
@@ -5328,14 +6121,69 @@ class Handler(BaseHTTPRequestHandler):
     # -- simple routes -------------------------------------------------------
 
     def route_page(self):
+        """The start page: upload, look up, storage, and the uploads log."""
         if self.rest:
             raise NotFound("no such endpoint: %s" % self.url_path)
-        self.send(200, PAGE_HTML.encode("utf-8"), "text/html; charset=utf-8",
-                  {"Cache-Control": "no-cache"})
+        query = self.uploads_query()
+        records, cursor = self.server.uploads_log.query(query)
+        entries = [upload_entry(record, self.server.store, self.server.url)
+                   for record in records]
+        store = self.server.store
+        self.send_page(200, home_html(entries, query, cursor, self.query_text(),
+                                      store.space(fresh=True), self.health()))
 
     def route_upload_form(self):
-        self.send(200, UPLOAD_FORM_HTML.encode("utf-8"), "text/html; charset=utf-8",
-                  {"Cache-Control": "no-cache"})
+        self.send_page(200, page_html("Upload", UPLOAD_FORM_BODY))
+
+    def send_page(self, status, text, headers=None):
+        all_headers = {"Cache-Control": "no-cache"}
+        all_headers.update(headers or {})
+        self.send(status, text.encode("utf-8"), "text/html; charset=utf-8", all_headers)
+
+    def query_text(self):
+        return urllib.parse.urlsplit(self.path).query
+
+    def route_static(self):
+        """The stylesheet and the script, named by their hash: cached for good."""
+        assets = {"style.css": (PAGE_CSS, "text/css; charset=utf-8"),
+                  "app.js": (PAGE_JS, "text/javascript; charset=utf-8")}
+        if self.rest not in assets:
+            raise NotFound("no such asset: %s" % self.url_path)
+        text, kind = assets[self.rest]
+        etag = '"%s"' % ASSET_VERSION
+        headers = {"ETag": etag, "Cache-Control": "public, max-age=%d, immutable"
+                   % ASSET_MAX_AGE, "X-Content-Type-Options": "nosniff"}
+        if etag in self.headers.get("if-none-match", ""):
+            self.wfile.write(self.send_head_lines(304, headers))
+            return
+        self.send(200, text.encode("utf-8"), kind, headers)
+
+    def route_favicon(self):
+        self.send(200, FAVICON_SVG.encode(), "image/svg+xml",
+                  {"Cache-Control": "public, max-age=%d" % ASSET_MAX_AGE})
+
+    def route_access(self):
+        """What the credentials of this request may do (the page asks);
+        ``?login=1`` without valid ones is a 401 with a Basic challenge, so a
+        browser keeps them for navigations (the page's XMLHttpRequest)."""
+        server = self.server
+        offered = self.offered_token()
+
+        def matches(token):
+            return bool(token) and offered is not None and hmac.compare_digest(
+                offered.encode(), token.encode())
+        write = not server.token or matches(server.token)
+        read = not server.read_token or matches(server.read_token) or matches(server.token)
+        if self.query.get("login") and not (matches(server.token) or matches(server.read_token)):
+            raise Unauthorized("a valid token is needed",
+                               headers={"WWW-Authenticate": AUTH_CHALLENGES[1]})
+        self.send_json(200, {"read": read, "write": write,
+                             "read_token_required": bool(server.read_token),
+                             "write_token_required": bool(server.token)})
+
+    def is_navigation(self):
+        """A browser loading a page (GET of text/html), not a script's fetch."""
+        return self.command == "GET" and self.headers.get("accept", "").startswith("text/html")
 
     def wants_html(self):
         """A browser asked (Accept: text/html) and ?format=json did not."""
@@ -5346,14 +6194,15 @@ class Handler(BaseHTTPRequestHandler):
         self.send_json(200, self.server.config.public())
 
     def route_get_health(self):
+        self.send_json(200, self.health())
+
+    def health(self):
         store = self.server.store
         free, floor = store.space(fresh=True)
-        self.send_json(200, {"status": "degraded" if free < floor else "ok",
-                             "index_ready": store.ready.is_set(),
-                             "reconciled": store.reconciled.is_set(),
-                             "blobs": store.table.count, "stored_bytes": store.table.bytes,
-                             "max_size": store.config.max_size, "free_bytes": free,
-                             "min_free_bytes": floor})
+        return {"status": "degraded" if free < floor else "ok",
+                "index_ready": store.ready.is_set(), "reconciled": store.reconciled.is_set(),
+                "blobs": store.table.count, "stored_bytes": store.table.bytes,
+                "max_size": store.config.max_size, "free_bytes": free, "min_free_bytes": floor}
 
     def route_get_metrics(self):
         self.send(200, self.server.metrics().encode(), "text/plain; version=0.0.4")
@@ -5434,9 +6283,10 @@ class Handler(BaseHTTPRequestHandler):
         entries = [upload_entry(record, store, url) for record in records]
         if self.wants_json():
             self.send_json(200, {"uploads": entries, "count": len(entries), "next": cursor})
+        elif self.query.get("fragment"):  # the page's list, refreshed after uploading
+            self.send_page(200, uploads_table_html(entries, query, cursor))
         else:
-            self.send(200, uploads_html(entries, query, cursor).encode("utf-8"),
-                      "text/html; charset=utf-8")
+            self.send_page(200, uploads_page_html(entries, query, cursor, self.query_text()))
 
     def wants_json(self):
         return (self.query.get("format") == "json"
@@ -6084,16 +6934,29 @@ class Handler(BaseHTTPRequestHandler):
         return start, end, 206
 
     def send_listing(self, path, relpath):
-        """A directory as JSON or HTML, sorted, streamed (or paged)."""
+        """A directory as JSON or HTML, streamed (or paged).  JSON is sorted
+        by name; HTML by ``?sort=name|size|made`` and ``?order=asc|desc``
+        (size and made need every entry read first)."""
         store = self.server.store
         names = sorted(entry.name for entry in os.scandir(path)
                        if not entry.name.startswith(RESERVED_PREFIX))
         made = store.made_times(path)
+        wants_json = self.wants_json()
+        sort = self.query.get("sort", "name")
+        order = self.query.get("order", "asc")
+        if sort not in LISTING_SORTS or order not in ("asc", "desc"):
+            raise BadRequest("sort must be one of %s and order asc or desc"
+                             % ", ".join(LISTING_SORTS))
+        entries = None
+        if not wants_json and (sort != "name" or order != "asc"):
+            entries = [listing_entry(store, path, name, made) for name in names]
+            entries.sort(key=lambda entry: (entry.get(sort if sort != "name" else "name", 0),
+                                            entry["name"]), reverse=order == "desc")
+            names = [entry["name"] for entry in entries]
         after = self.query.get("after")
         if after:
-            names = names[bisect.bisect_right(names, after):]
-        wants_json = (self.query.get("format") == "json"
-                      or "application/json" in self.headers.get("accept", ""))
+            names = names[names.index(after) + 1:] if after in names else \
+                names[bisect.bisect_right(names, after):]
         limit_text = self.query.get("limit", "" if wants_json else str(LISTING_PAGE))
         next_marker = None
         if limit_text:
@@ -6104,27 +6967,31 @@ class Handler(BaseHTTPRequestHandler):
                 next_marker = names[limit - 1]
             names = names[:limit]
         if not wants_json and not self.url_path.endswith("/"):
-            location = self.url_path + "/" + ("?" + urllib.parse.urlsplit(self.path).query
-                                              if "?" in self.path else "")
+            location = self.url_path + "/" + ("?" + self.query_text() if "?" in self.path else "")
             self.send(301, b"", "text/plain", {"Location": location})
             return
         writer = self.start_stream(200, "application/json" if wants_json
                                    else "text/html; charset=utf-8")
         if writer is None:
             return
+        by_name = {entry["name"]: entry for entry in entries or ()}
+
+        def entry_of(name):
+            return by_name.get(name) or listing_entry(store, path, name, made)
         if wants_json:
             writer.write(('{"path": %s, "entries": [' % json.dumps(relpath + "/")).encode())
             for number, name in enumerate(names):
-                entry = listing_entry(store, path, name, made)
-                writer.write(((",\n" if number else "\n") + json.dumps(entry)).encode("utf-8"))
+                writer.write(((",\n" if number else "\n") + json.dumps(entry_of(name)))
+                             .encode("utf-8"))
             writer.write(('\n], "count": %d, "next": %s}\n'
                           % (len(names), json.dumps(next_marker))).encode())
         else:
-            writer.write(listing_html_head(relpath).encode("utf-8"))
+            can_delete = relpath.split("/", 1)[0] in ("files", "replica")
+            writer.write(listing_html_head(relpath, sort, order, can_delete).encode("utf-8"))
             for name in names:
-                writer.write(listing_html_row(listing_entry(store, path, name, made))
+                writer.write(listing_html_row(entry_of(name), relpath, can_delete)
                              .encode("utf-8"))
-            writer.write(listing_html_tail(next_marker).encode("utf-8"))
+            writer.write(listing_html_tail(next_marker, sort, order).encode("utf-8"))
         writer.close()
         self.response_bytes += writer.sent
 
