@@ -23,17 +23,24 @@ The map: sections in order, each using only those above it.
    (sans-IO, events), multipart_boundary.
 6. Store -- Digester (all digests in one pass), StagedBlob (hash while
    writing), Journal (per-process record), ChecksumIndex and Pins (the
-   memory), JournalSet (replay and reconcile), Transaction (undo log and
-   commit point), Store (blobs, names, reclaiming).
+   memory), BlobTable (last use, keep marks, totals), RemovedBlobs (why
+   blobs went), JournalSet (replay and reconcile), Transaction (undo log
+   and commit point), Store (blobs, names, space, reclaiming).
 7. Archives -- sniff, guess_mime, Budget (expansion limits), TreeBuilder,
    expand_zip/expand_tar, Expander (decompressed blob, explode tree).
-8. Organizing -- ReplicaTemplate and make_replicas, retention, Sweeper.
-9. Upload transaction -- Incoming, Received, StoredFile, UploadTransaction.
-10. HTTP pieces -- Headers, ChunkedWriter, stated_digests, receipts,
+8. Organizing -- ReplicaTemplate and make_replicas, retention, Sweeper
+   (expiry), Evictor (size cap and free-space floor, LRU).
+9. Uploads log -- parse_metadata, UploadQuery, UploadsLog (a JSON line per
+   upload, per process, read backwards).
+10. Upload transaction -- Incoming, Received, StoredFile, UploadTransaction.
+11. Resumable uploads -- PartialUpload (resumable/<token>/ on disk),
+    Resumables (their hash states and turns).
+12. HTTP pieces -- Headers, ChunkedWriter, stated_digests, receipts,
     listings, folder archives.
-11. The web page -- PAGE_HTML, the upload form, HTML listings.
-12. HTTP handler -- Handler: request head, the one dispatcher, routes.
-13. Server and command line -- Reaper, BucketServer, load_config, main.
+13. The web page -- PAGE_CSS, PAGE_JS (cached assets), page_html and the
+    renderers: home, listings, the uploads log, the token form.
+14. HTTP handler -- Handler: request head, the one dispatcher, routes.
+15. Server and command line -- Reaper, BucketServer, load_config, main.
 
 The path of an upload: Handler.dispatch routes ``PUT /upload/<name>`` to
 route_put_upload; receive_raw checks the stated digests, reads the body
@@ -465,7 +472,9 @@ def human_bytes(count):
     """``1536`` -> ``1.5 KiB``: a size for people (exact bytes elsewhere)."""
     for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
         if count < 1024 or unit == "TiB":
-            return "%d %s" % (count, unit) if unit == "bytes" else "%.1f %s" % (count, unit)
+            if unit == "bytes":
+                return "1 byte" if count == 1 else "%d bytes" % count
+            return "%.1f %s" % (count, unit)
         count /= 1024.0
     return "%d bytes" % count  # not reached
 
@@ -4799,7 +4808,8 @@ def legacy_keys(entry, checksum_type):
 # listings, the uploads log, the form without JavaScript, the token page
 # ===========================================================================
 
-PAGE_CSS = r""":root{color-scheme:light dark;--bg:#fff;--fg:#1d2126;--muted:#5d6570;--line:#dde1e6;
+PAGE_CSS = r"""[hidden]{display:none!important}
+:root{color-scheme:light dark;--bg:#fff;--fg:#1d2126;--muted:#5d6570;--line:#dde1e6;
  --panel:#f5f7f9;--accent:#0b5cad;--accent-fg:#fff;--ok:#17733a;--bad:#b3261e;--warn:#8a5a00;
  --focus:#f0a500;--code:#eef1f4}
 @media (prefers-color-scheme:dark){:root{--bg:#15181c;--fg:#e6e9ed;--muted:#a3acb7;
@@ -4828,6 +4838,7 @@ section.panel{border:1px solid var(--line);border-radius:8px;padding:1rem;margin
 .ok{color:var(--ok)} .bad{color:var(--bad)} .warn{color:var(--warn)}
 code,.hash{font-family:ui-monospace,"DejaVu Sans Mono",monospace;font-size:.88em;
  background:var(--code);padding:0 .25rem;border-radius:3px;overflow-wrap:anywhere}
+td .hash{white-space:nowrap}
 .table-wrap{overflow-x:auto;-webkit-overflow-scrolling:touch;max-width:100%}
 table{border-collapse:collapse;width:100%}
 th,td{padding:.3rem .5rem;border-bottom:1px solid var(--line);text-align:left;vertical-align:top}
@@ -4859,6 +4870,10 @@ progress{width:100%;height:.8rem;accent-color:var(--accent)}
 .queue td.bar{min-width:7rem;width:30%}
 .queue .status{font-size:.85rem;overflow-wrap:anywhere}
 .result details{margin:.2rem 0}
+.filters{display:grid;grid-template-columns:repeat(auto-fit,minmax(10rem,1fr));gap:.5rem .8rem;
+ align-items:end;margin:0 0 .8rem}
+.filters label{display:flex;flex-direction:column;align-items:stretch;gap:.15rem;font-size:.9rem}
+.filters .actions{display:flex;gap:.6rem;align-items:center}
 .meta-row{display:flex;flex-wrap:wrap;gap:.3rem;margin:.2rem 0}
 .meta-row input{flex:1 1 8rem}
 meter{width:100%;height:1rem}
@@ -4895,12 +4910,14 @@ function human(bytes) {
   const units = ["bytes", "KiB", "MiB", "GiB", "TiB"];
   let value = bytes, unit = 0;
   while (value >= 1024 && unit < units.length - 1) { value /= 1024; unit++; }
-  return unit ? value.toFixed(1) + " " + units[unit] : bytes + " bytes";
+  return unit ? value.toFixed(1) + " " + units[unit] : bytes === 1 ? "1 byte" : bytes + " bytes";
 }
 function sizeNode(bytes) { return el("span", human(bytes), {title: bytes + " bytes"}); }
 function token() { return sessionStorage.getItem(TOKEN_KEY) || ""; }
 function authHeaders(extra) {
-  const headers = Object.assign({}, extra || {});
+  // X-Requested-With: the server then challenges with Bearer only, and the
+  // browser shows no login box of its own for the page's requests.
+  const headers = Object.assign({"X-Requested-With": "http_bucket"}, extra || {});
   if (token()) headers["Authorization"] = "Bearer " + token();
   return headers;
 }
@@ -4953,7 +4970,8 @@ const Login = {
   },
 };
 async function checkToken(candidate) {
-  const response = await fetch("/access", {headers: {"Authorization": "Bearer " + candidate}});
+  const response = await fetch("/access", {headers: {"Authorization": "Bearer " + candidate,
+                                                    "X-Requested-With": "http_bucket"}});
   return (await json(response)) || {};
 }
 function rememberForNavigation(candidate) {
@@ -5061,6 +5079,7 @@ const Uploader = {
       return;
     }
     $("#queue-wrap").hidden = false;
+    $("#cancel-all").hidden = false;
     for (const entry of files) {
       const item = new Item(entry.file, entry.path, options);
       this.items.push(item);
@@ -5090,6 +5109,7 @@ const Uploader = {
       human(done) + " of " + human(this.total);
   },
   finished() {
+    $("#cancel-all").hidden = true;
     const failed = this.items.filter((item) => item.state === "failed").length;
     say($("#upload-status"), failed ? failed + " file(s) failed: see below." :
         "All files stored.", failed ? "bad" : "ok");
@@ -5150,7 +5170,7 @@ class Item {
     if (this.location) fetch(this.location, {method: "DELETE", headers: authHeaders()});
     this.state = "cancelled";
     this.status.textContent = "cancelled: nothing of it is kept";
-    this.cancelButton.disabled = true;
+    this.cancelButton.hidden = true;
     Uploader.progress();
   }
   async run() {
@@ -5164,12 +5184,12 @@ class Item {
       this.state = "stored";
       this.done = this.file.size;
       this.bar.value = this.file.size;
-      this.cancelButton.disabled = true;
+      this.cancelButton.hidden = true;
       showResult(this.status, receipt);
     } catch (failure) {
       if (this.cancelled) return;
       this.state = "failed";
-      this.cancelButton.disabled = true;
+      this.cancelButton.hidden = true;
       this.status.textContent = "failed: " + failure.message;
       this.status.className = "status bad";
     }
@@ -5236,7 +5256,7 @@ function showResult(cell, receipt) {
   for (const file of receipt.files) {
     const line = el("div");
     const href = file.url_name || (file.url + "?name=" + encodeURIComponent(file.name));
-    line.appendChild(el("a", file.name, {href}));
+    line.appendChild(el("a", file.name, {href, download: file.name}));
     line.appendChild(document.createTextNode(" " + (file.stored === "new" ? "stored" :
       "already stored") + (file.deployed ? " (deployed)" : "")));
     cell.appendChild(line);
@@ -5485,6 +5505,7 @@ def time_html(epoch):
 LOGIN_DIALOG = (
     "<dialog id='login' aria-labelledby='login-title'><form id='login-form' method='dialog'>"
     "<h2 id='login-title'>Token</h2><p id='login-reason'></p>"
+    "<input type='text' autocomplete='username' value='bucket' hidden>"
     "<p><label>Token <input type='password' id='login-token' autocomplete='current-password' "
     "required></label></p><p id='login-error' class='bad' aria-live='polite'></p>"
     "<p class='muted'>Kept for this tab only (sessionStorage); never sent elsewhere.</p>"
@@ -5520,19 +5541,31 @@ def page_html(title, body, crumbs="", who=True):
     return page_top(title, crumbs, who) + body + page_bottom()
 
 
-def crumbs_html(relpath):
-    """``bucket / files / team / build-42``, each a link."""
+def crumbs_html(relpath, labels=None):
+    """``bucket / files / team / build-42``, each a link; ``labels`` gives
+    some segments (by position) a name for people."""
     parts = [part for part in relpath.strip("/").split("/") if part]
     links = ["<a href='/'>bucket</a>"]
     for depth in range(len(parts)):
         href = "/" + "/".join(urllib.parse.quote(part) for part in parts[:depth + 1]) + "/"
-        links.append("<a href='%s'>%s</a>" % (escape(href), escape(parts[depth])))
+        label = (labels or {}).get(depth, parts[depth])
+        links.append("<a href='%s'>%s</a>" % (escape(href), escape(label)))
     return "<nav class='crumbs' aria-label='where'>%s</nav>" % " / ".join(links)
 
 
 # -- listings ------------------------------------------------------------------
 
-def listing_html_head(relpath, sort, order, can_delete):
+def listing_title(relpath, archive_name):
+    """(heading, crumb labels) of a listing: an expanded tree is named after
+    its archive (``logs.zip``), not by its 64-digit key."""
+    parts = relpath.split("/")
+    if parts[0] != "explode" or len(parts) < 4 or not archive_name:
+        return relpath.rstrip("/") + "/", {}
+    label = archive_name + " (expanded)"
+    return "/".join([label] + parts[4:]) + "/", {3: label}
+
+
+def listing_html_head(relpath, sort, order, can_delete, title, labels):
     """The top of a directory listing, down to its first row."""
     def column(key, text):
         flip = "desc" if sort == key and order == "asc" else "asc"
@@ -5541,7 +5574,7 @@ def listing_html_head(relpath, sort, order, can_delete):
             if sort == key else ""
         return "<th scope='col'%s><a href='?sort=%s&amp;order=%s'>%s%s</a></th>" % (
             state, key, flip, text, mark)
-    return (page_top(relpath.rstrip("/") + "/", crumbs_html(relpath))
+    return (page_top(title, crumbs_html(relpath, labels))
             + "<p class='row'><span>Download this folder as</span>"
             "<a class='button quiet' href='?download=zip'>zip</a>"
             "<a class='button quiet' href='?download=tar.gz'>tar.gz</a></p>"
@@ -5555,6 +5588,7 @@ def listing_html_head(relpath, sort, order, can_delete):
 def listing_html_row(entry, relpath, can_delete):
     is_dir = entry.get("type") == "dir"
     name = entry["name"] + ("/" if is_dir else "")
+    shown = entry.get("label", name)
     link = urllib.parse.quote(entry["name"]) + ("/" if is_dir else "")
     extra = (" <span class='muted'>&rarr; %s</span>" % escape(entry["target"])
              if entry.get("type") == "symlink" else "")
@@ -5564,10 +5598,10 @@ def listing_html_row(entry, relpath, can_delete):
         delete = ("<td><button type='button' class='danger' data-needs-write "
                   "data-delete='%s' aria-label='delete %s'>Delete</button></td>"
                   % (escape(relpath.strip("/") + "/" + name), escape(name)))
-    return ("<tr><td class='name'><a href='%s'>%s</a>%s</td><td class='num'>%s</td>"
+    return ("<tr><td class='name'><a href='%s' title='%s'>%s</a>%s</td><td class='num'>%s</td>"
             "<td class='when'>%s</td><td class='when'>%s</td><td><span class='hash' title='%s'>"
             "%s</span></td>%s</tr>\n" % (
-                escape(link), escape(name), extra,
+                escape(link), escape(name), escape(shown), extra,
                 size_html(entry["size"]) if "size" in entry else "",
                 time_html(entry.get("made")), time_html(entry.get("expires")), escape(sha256),
                 escape(sha256[:12]), delete))
@@ -5619,7 +5653,9 @@ def uploads_table_html(entries, query, cursor):
         more = "<p><a href='/uploads?%s'>older uploads</a></p>" % escape(
             urllib.parse.urlencode(pairs + [("limit", query.limit), ("before", cursor)]))
     if not rows:
-        return "<p class='muted'>No uploads match.</p>"
+        filtered = query.name or query.sha256 or query.meta or query.since or query.until
+        return "<p class='muted'>%s</p>" % ("No uploads match." if filtered else
+                                            "Nothing uploaded yet.")
     return ("<div class='table-wrap'><table><thead><tr><th scope='col'>when (UTC)</th>"
             "<th scope='col'>file</th><th scope='col'>size</th><th scope='col'>names</th>"
             "<th scope='col'>metadata</th><th scope='col'>sha256</th></tr></thead><tbody>%s"
@@ -5632,14 +5668,15 @@ def uploads_filter_html(query, action):
     def day(epoch):
         return time.strftime("%Y-%m-%dT%H:%M", time.gmtime(epoch)) if epoch is not None else ""
     return (
-        "<form method='get' action='%s' class='row stretch' aria-label='filter uploads'>"
+        "<form method='get' action='%s' class='filters' aria-label='filter uploads'>"
         "<label>Name <input type='search' name='name' value='%s' placeholder='*.xml'></label>"
         "<label>Checksum <input type='search' name='sha256' value='%s' "
         "placeholder='md5, sha1, sha256 or sha512'></label>"
         "<label>Metadata <input type='search' name='meta' value='%s' placeholder='job=4812'></label>"
         "<label>Since <input type='text' name='since' value='%s' placeholder='2026-11-30'></label>"
         "<label>Until <input type='text' name='until' value='%s' placeholder='2026-11-30T12:00'>"
-        "</label><span><button type='submit'>Find</button> <a href='%s'>all</a></span></form>"
+        "</label><span class='actions'><button type='submit'>Find</button> "
+        "<a href='%s'>show all</a></span></form>"
         % (escape(action), escape(query.name or ""), escape(query.sha256 or ""), escape(meta),
            day(query.since), day(query.until), escape(action)))
 
@@ -5710,7 +5747,7 @@ UPLOAD_PANEL = """
 
 
 def home_html(entries, query, cursor, query_text, space, health):
-    return page_html("Uploads", UPLOAD_PANEL + storage_html(space, health)
+    return page_html("Upload and find", UPLOAD_PANEL + storage_html(space, health)
                      + "<section class='panel' aria-labelledby='uploads-title'>"
                      "<h2 id='uploads-title'>Latest uploads</h2>%s"
                      "<div id='uploads-table' data-query='%s'>%s</div></section>" % (
@@ -5752,7 +5789,8 @@ def login_html(write):
     return page_html("Token needed", (
         "<div class='notice'>This server needs a token to %s. Enter it once: it is kept "
         "for this tab, and this page loads again.</div>"
-        "<form id='login-page' class='panel'><p><label>Token <input type='password' "
+        "<form id='login-page' class='panel'><input type='text' autocomplete='username' "
+        "value='bucket' hidden><p><label>Token <input type='password' "
         "id='page-token' autocomplete='current-password' required></label></p>"
         "<p id='page-token-error' aria-live='polite'></p>"
         "<p><button type='submit'>Continue</button></p></form>"
@@ -5995,9 +6033,12 @@ class Handler(BaseHTTPRequestHandler):
             for token in tokens:
                 if token and hmac.compare_digest(offered.encode(), token.encode()):
                     return
+        # A script's request (X-Requested-With) gets no Basic challenge: a
+        # browser would answer it with its own login box, not the page.
+        scripted = "x-requested-with" in self.headers
         raise Unauthorized(
             "a valid token is needed to %s" % ("write" if write else "read"),
-            headers={"WWW-Authenticate": AUTH_CHALLENGES})
+            headers={"WWW-Authenticate": AUTH_CHALLENGES[0] if scripted else AUTH_CHALLENGES})
 
     def offered_token(self):
         value = self.headers.get("authorization", "")
@@ -6976,8 +7017,15 @@ class Handler(BaseHTTPRequestHandler):
             return
         by_name = {entry["name"]: entry for entry in entries or ()}
 
+        trees = relpath.count("/") == 2 and relpath.startswith("explode/")
+
         def entry_of(name):
-            return by_name.get(name) or listing_entry(store, path, name, made)
+            entry = by_name.get(name) or listing_entry(store, path, name, made)
+            if trees and not wants_json and len(name) == 64:
+                archive = store.blob_name(name)  # an expanded tree: named after its archive
+                if archive:
+                    entry["label"] = archive + " (expanded)"
+            return entry
         if wants_json:
             writer.write(('{"path": %s, "entries": [' % json.dumps(relpath + "/")).encode())
             for number, name in enumerate(names):
@@ -6987,7 +7035,12 @@ class Handler(BaseHTTPRequestHandler):
                           % (len(names), json.dumps(next_marker))).encode())
         else:
             can_delete = relpath.split("/", 1)[0] in ("files", "replica")
-            writer.write(listing_html_head(relpath, sort, order, can_delete).encode("utf-8"))
+            parts = relpath.split("/")
+            archive = store.blob_name(parts[3]) if parts[0] == "explode" and len(parts) > 3 \
+                and len(parts[3]) == 64 else None
+            title, labels = listing_title(relpath, archive)
+            writer.write(listing_html_head(relpath, sort, order, can_delete, title, labels)
+                         .encode("utf-8"))
             for name in names:
                 writer.write(listing_html_row(entry_of(name), relpath, can_delete)
                              .encode("utf-8"))
