@@ -78,6 +78,7 @@ import importlib
 import itertools
 import json
 import lzma
+import mmap
 import mimetypes
 import os
 import posixpath
@@ -89,6 +90,7 @@ import signal
 import socket
 import ssl
 import stat
+import struct
 import sys
 import tarfile
 import threading
@@ -168,6 +170,9 @@ INDEX_WAIT = 30.0                   # seconds a lookup waits for the startup
 ESTALE_RETRIES = 5                  # reads retried on ESTALE/ENOENT races
                                     # of a shared filesystem (dfs/README.md)
 SHUTDOWN_GRACE = 30.0               # seconds SIGTERM waits for uploads
+MAX_WORKERS = 64                    # worker processes at most (--workers)
+WORKER_RESTART_MAX = 30.0           # seconds at most between restarts of a
+                                    # worker that keeps dying
 MIN_BODY_RATE = 16 * 1024           # bytes/s a body must average over each
                                     # read (beyond --timeout): a client
                                     # dripping a byte per second is dropped
@@ -468,6 +473,14 @@ def iso_time(epoch):
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + "%03dZ" % (moment.microsecond // 1000)
 
 
+def free_space(directory, min_free):
+    """(free bytes, floor bytes, statvfs) of the filesystem of ``directory``
+    for the MinFree setting ``min_free``."""
+    st = os.statvfs(directory)
+    floor = min_free.size or int(st.f_blocks * st.f_frsize * min_free.percent / 100)
+    return st.f_bavail * st.f_frsize, floor, st
+
+
 def human_bytes(count):
     """``1536`` -> ``1.5 KiB``: a size for people (exact bytes elsewhere)."""
     for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
@@ -584,6 +597,17 @@ def _port(text):
     value = int(text)
     if not 0 <= value <= 65535:
         raise ValueError("a TCP port is 0 to 65535 (0: any free port)")
+    return value
+
+
+def _workers(text):
+    """``auto`` (one per core) or a positive number of worker processes."""
+    if str(text).strip().lower() == "auto":
+        return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                   else os.cpu_count() or 1)
+    value = int(text)
+    if not 1 <= value <= MAX_WORKERS:
+        raise ValueError("must be auto or 1 to %d" % MAX_WORKERS)
     return value
 
 
@@ -720,6 +744,8 @@ SETTINGS = [
             "FILE", "TLS certificate chain (PEM); enables HTTPS", False),
     Setting("keyfile", ("--keyfile",), "BUCKET_KEYFILE", "", _path_or_empty,
             "FILE", "TLS private key (PEM)", False),
+    Setting("workers", ("--workers",), "BUCKET_WORKERS", "1", _workers, "N|auto",
+            "server processes sharing the port and the store (auto: one per core)", False),
     Setting("max_connections", ("--max-connections",), "BUCKET_MAX_CONNECTIONS",
             "256", _positive_int, "COUNT", "connections served at once; "
             "more get 503", False),
@@ -1773,6 +1799,8 @@ class JournalSet:
         self.refresh()
         store.load_seconds = time.monotonic() - started
         store.ready.set()
+        if store.counters is not None:
+            store.counters.add("ready")
         store.log("indexed %d blobs in %.3f s (%s)" % (
             store.table.count, store.load_seconds, human_bytes(store.table.bytes)))
         try:
@@ -1785,6 +1813,8 @@ class JournalSet:
         finally:
             _return_free_memory()
             store.reconciled.set()
+            if store.counters is not None:
+                store.counters.add("reconciled")
 
     def refresh(self):
         """Read what other processes (and dead ones) appended since last time."""
@@ -2122,6 +2152,7 @@ class Store:
         self._free = (0.0, 0, 0)       # (when read, free bytes, floor bytes)
         self.evictor = None            # the Evictor, once one runs
         self.resumables = None         # the Resumables, once they are set up
+        self.counters = None           # the server's SharedCounters, once it runs
         self.partial = (0, 0)          # (partial uploads, bytes), see partial_changed
         self.derived = {}     # sha256 -> sha256 of its decompressed blob
         self.sources = collections.Counter()  # decompressed sha256 -> sources
@@ -2630,10 +2661,7 @@ class Store:
         most every SPACE_CACHE seconds unless ``fresh``."""
         when, free, floor = self._free
         if fresh or time.monotonic() - when > SPACE_CACHE:
-            st = os.statvfs(self.root)
-            free = st.f_bavail * st.f_frsize
-            floor = self.config.min_free.size or int(
-                st.f_blocks * st.f_frsize * self.config.min_free.percent / 100)
+            free, floor, _ = free_space(self.root, self.config.min_free)
             self._free = (time.monotonic(), free, floor)
         return free, floor
 
@@ -3656,8 +3684,6 @@ class Evictor(threading.Thread):
         self.stopping = threading.Event()
         self.lock = threading.Lock()
         self.lock_path = os.path.join(store.index_dir, "evict.lock")
-        self.evictions = 0
-        self.evicted_bytes = 0
         store.evictor = self
 
     def wake(self):
@@ -3774,8 +3800,9 @@ class Evictor(threading.Thread):
             store.remove_dangling_links()
         # What went: the victims, and what went with them (trees, derived).
         freed, count = before[0] - store.table.bytes, before[1] - store.table.count
-        self.evictions += count
-        self.evicted_bytes += freed
+        if store.counters is not None:
+            store.counters.add("evictions", count)
+            store.counters.add("evicted_bytes", freed)
         store.log("evicted %d blobs, %d bytes; oldest last use %s" % (
             count, freed, iso_time(victims[0][0])))
         return freed
@@ -6240,8 +6267,10 @@ class Handler(BaseHTTPRequestHandler):
     def health(self):
         store = self.server.store
         free, floor = store.space(fresh=True)
+        counters = self.server.counters  # with workers: all of them
         return {"status": "degraded" if free < floor else "ok",
-                "index_ready": store.ready.is_set(), "reconciled": store.reconciled.is_set(),
+                "index_ready": store.ready.is_set() and counters.all_set("ready"),
+                "reconciled": store.reconciled.is_set() and counters.all_set("reconciled"),
                 "blobs": store.table.count, "stored_bytes": store.table.bytes,
                 "max_size": store.config.max_size, "free_bytes": free, "min_free_bytes": floor}
 
@@ -7106,6 +7135,48 @@ class Handler(BaseHTTPRequestHandler):
 # ===========================================================================
 
 
+class SharedCounters:
+    """Counters of every worker process in memory they share: an anonymous
+    shared mmap made before they fork, a slot of FIELDS 64-bit integers per
+    worker.  Each process writes its own slot (under a lock: its threads);
+    anyone reads the sums (torn reads are impossible for aligned 8-byte
+    words on the platforms CPython runs this on; a sum may be a moment old).
+    """
+
+    FIELDS = ("connections", "refused", "requests_1xx", "requests_2xx", "requests_3xx",
+              "requests_4xx", "requests_5xx", "evictions", "evicted_bytes", "ready",
+              "reconciled")
+
+    def all_set(self, field):
+        """True when every worker has set ``field`` (ready, reconciled)."""
+        return all(struct.unpack_from("q", self.memory, self._offset(slot, field))[0]
+                   for slot in range(self.slots))
+
+    def __init__(self, slots):
+        self.slots = slots
+        self.memory = mmap.mmap(-1, 8 * len(self.FIELDS) * slots)
+        self.slot = 0
+        self.lock = threading.Lock()
+
+    def _offset(self, slot, field):
+        return 8 * (slot * len(self.FIELDS) + self.FIELDS.index(field))
+
+    def add(self, field, delta=1):
+        offset = self._offset(self.slot, field)
+        with self.lock:
+            value = struct.unpack_from("q", self.memory, offset)[0]
+            struct.pack_into("q", self.memory, offset, value + delta)
+
+    def total(self, field):
+        return sum(struct.unpack_from("q", self.memory, self._offset(slot, field))[0]
+                   for slot in range(self.slots))
+
+    def clear(self, slot):
+        """A worker that starts (again) begins from zero."""
+        for field in self.FIELDS:
+            struct.pack_into("q", self.memory, self._offset(slot, field), 0)
+
+
 class Reaper(threading.Thread):
     """Closes connections whose request line and headers are late.
 
@@ -7150,21 +7221,31 @@ class BucketServer(ThreadingHTTPServer):
     request_queue_size = 1024  # the default 5 drops connections in bursts
     allow_reuse_address = True
 
-    def __init__(self, config, store, ssl_context=None, log_stream=None):
+    def __init__(self, config, store, ssl_context=None, listener=None, counters=None):
+        """Bind ``config.bind``:``config.port``, or serve ``listener``, a
+        listening socket a parent process bound for its workers.
+        ``counters`` (SharedCounters) are the workers' shared counters."""
         self.config = config
         self.store = store
         self.ssl_context = ssl_context
-        self.log_fd = (log_stream or sys.stderr).fileno()
+        self.log_fd = sys.stderr.fileno()
         self.token, self.read_token = config.token, config.read_token
-        self.active = 0
         self.requests_in_flight = 0
         self.active_lock = threading.Lock()
-        self.counters = collections.Counter()
+        self.counters = counters or SharedCounters(1)
+        store.counters = self.counters
         self.uploads_log = UploadsLog(os.path.join(store.root, "uploads"), store.process_id,
                                       store.tag)
         self.resumables = Resumables(store, config.resumable_max_age)
         self.reaper = Reaper(config.timeout)
         self.reaper.start()
+        if listener is not None:
+            self.address_family = listener.family
+            super().__init__(listener.getsockname()[:2], Handler, bind_and_activate=False)
+            self.socket.close()
+            self.socket = listener
+            self.server_address = listener.getsockname()
+            return
         host = config.bind or ("::" if socket.has_ipv6 and _dual_stack() else "0.0.0.0")
         if ":" in host:
             self.address_family = socket.AF_INET6
@@ -7179,29 +7260,23 @@ class BucketServer(ThreadingHTTPServer):
         super().server_bind()
 
     def process_request(self, request, client_address):
-        with self.active_lock:
-            if self.active >= self.config.max_connections:
-                refuse = True
-            else:
-                refuse = False
-                self.active += 1
-        if refuse:
-            self.counters["refused"] += 1
+        # The cap counts the connections of all workers (SharedCounters).
+        if self.counters.total("connections") >= self.config.max_connections:
+            self.counters.add("refused")
             self.refuse(request)
             return
+        self.counters.add("connections")
         try:
             super().process_request(request, client_address)
         except BaseException:
-            with self.active_lock:
-                self.active -= 1
+            self.counters.add("connections", -1)
             raise
 
     def process_request_thread(self, request, client_address):
         try:
             super().process_request_thread(request, client_address)
         finally:
-            with self.active_lock:
-                self.active -= 1
+            self.counters.add("connections", -1)
 
     def handle_error(self, request, client_address):
         """A failure outside a request (dispatch catches those): one log line."""
@@ -7253,34 +7328,39 @@ class BucketServer(ThreadingHTTPServer):
             pass
 
     def count_request(self, status):
-        self.counters["requests_%dxx" % (status // 100 if status else 0)] += 1
+        if status:
+            self.counters.add("requests_%dxx" % (status // 100))
 
     def metrics(self):
+        """Prometheus text: the counters are the sums over all workers; the
+        store's figures are this worker's view of the shared store."""
+        counters = self.counters
         lines = ["# TYPE http_bucket_requests_total counter"]
         for klass in ("2xx", "3xx", "4xx", "5xx"):
             lines.append('http_bucket_requests_total{class="%s"} %d'
-                         % (klass, self.counters["requests_" + klass]))
+                         % (klass, counters.total("requests_" + klass)))
         lines += ["# TYPE http_bucket_refused_connections_total counter",
-                  "http_bucket_refused_connections_total %d" % self.counters["refused"],
+                  "http_bucket_refused_connections_total %d" % counters.total("refused"),
                   "# TYPE http_bucket_connections gauge",
-                  "http_bucket_connections %d" % self.active,
+                  "http_bucket_connections %d" % counters.total("connections"),
+                  "# TYPE http_bucket_workers gauge",
+                  "http_bucket_workers %d" % counters.slots,
                   "# TYPE http_bucket_blobs gauge",
                   "http_bucket_blobs %d" % self.store.table.count,
                   "# TYPE http_bucket_index_ready gauge",
                   "http_bucket_index_ready %d" % self.store.ready.is_set()]
         store = self.store
         free, floor = store.space()
-        evictor = store.evictor
         for name, kind, value, text in (
                 ("stored_bytes", "gauge", store.table.bytes, "bytes of all blobs"),
                 ("max_size_bytes", "gauge", store.config.max_size,
                  "BUCKET_MAX_SIZE (0: no cap)"),
                 ("free_bytes", "gauge", free, "free bytes of ARCHIVE_DIR's filesystem"),
                 ("min_free_bytes", "gauge", floor, "the free-space floor (BUCKET_MIN_FREE)"),
-                ("evictions_total", "counter", evictor.evictions if evictor else 0,
-                 "blobs evicted by this process"),
-                ("evicted_bytes_total", "counter", evictor.evicted_bytes if evictor else 0,
-                 "bytes evicted by this process"),
+                ("evictions_total", "counter", counters.total("evictions"),
+                 "blobs evicted"),
+                ("evicted_bytes_total", "counter", counters.total("evicted_bytes"),
+                 "bytes evicted"),
                 ("partial_uploads", "gauge", store.partial[0],
                  "unfinished resumable uploads"),
                 ("partial_bytes", "gauge", store.partial[1], "bytes they hold"),
@@ -7415,6 +7495,22 @@ def bind_error(config, exc):
     return "cannot listen on %s: %s" % (where, reason)
 
 
+def make_log(config, prefix=""):
+    """The startup and status log: one line, one write (atomic across the
+    workers that share stderr), text or JSON as --log-format says."""
+    def log(message):
+        if config.log_format == "json":
+            line = json.dumps({"time": round(time.time(), 3), "event": "message",
+                               "text": prefix + message}, ensure_ascii=False)
+        else:
+            line = "http_bucket: " + prefix + message
+        try:
+            os.write(sys.stderr.fileno(), (line + "\n").encode("utf-8", "replace"))
+        except OSError:
+            pass
+    return log
+
+
 def main(argv=None):
     """Run the server until SIGTERM or SIGINT; returns the exit status."""
     try:
@@ -7425,17 +7521,29 @@ def main(argv=None):
     except ConfigError as exc:
         sys.stderr.write("http_bucket: error: %s\n" % exc)
         return 2
-    def log(message):
-        if config.log_format == "json":
-            line = json.dumps({"time": round(time.time(), 3), "event": "message",
-                               "text": message}, ensure_ascii=False)
-        else:
-            line = "http_bucket: " + message
-        try:
-            os.write(sys.stderr.fileno(), (line + "\n").encode("utf-8", "replace"))
-        except OSError:
-            pass
+    if config.workers > 1:
+        return serve_workers(config, ssl_context)
+    return serve(config, ssl_context, make_log(config))
 
+
+def announce(config, ssl_context, address, log):
+    host, port = address[:2]
+    shown = "[%s]" % host if ":" in host else host
+    log("storing in %s" % config.directory)
+    log("serving on %s://%s:%d/ (python-magic: %s%s)" % (
+        "https" if ssl_context else "http",
+        shown if host not in ("0.0.0.0", "::") else "0.0.0.0", port,
+        "yes" if HAVE_MAGIC else "no",
+        "; %d workers" % config.workers if config.workers > 1 else ""))
+    if not config.token and host not in ("127.0.0.1", "::1", "localhost"):
+        log("warning: listening beyond loopback without BUCKET_TOKEN: anyone who "
+            "reaches this port can write and delete")
+
+
+def serve(config, ssl_context, log, listener=None, counters=None, parent=None):
+    """One server process until SIGTERM or SIGINT (or, for a worker, until
+    its ``parent`` is gone): its Store (journal, staging), index, threads.
+    Returns the exit status."""
     try:
         store = Store(config, log)
     except OSError as exc:
@@ -7443,22 +7551,14 @@ def main(argv=None):
                          % (config.directory, exc.strerror or exc))
         return 2
     try:
-        server = BucketServer(config, store, ssl_context)
+        server = BucketServer(config, store, ssl_context, listener, counters)
     except OSError as exc:
         sys.stderr.write("http_bucket: error: %s\n" % bind_error(config, exc))
         store.journal.close()
         return 2
-    host, port = server.server_address[:2]
-    shown = "[%s]" % host if ":" in host else host
-    scheme = "https" if ssl_context else "http"
-    log("storing in %s" % config.directory)
-    log("serving on %s://%s:%d/ (python-magic: %s)" % (
-        scheme, shown if host not in ("0.0.0.0", "::") else "0.0.0.0", port,
-        "yes" if HAVE_MAGIC else "no"))
-    if not config.token and host not in ("127.0.0.1", "::1", "localhost"):
-        log("warning: listening beyond loopback without BUCKET_TOKEN: anyone who "
-            "reaches this port can write and delete")
-    log_space(store, log)
+    if listener is None:
+        announce(config, ssl_context, server.server_address, log)
+        log_space(config, log)
     threading.Thread(target=store.journals.load, name="index-load", daemon=True).start()
     sweeper = Sweeper(store, config.sweep_interval)
     sweeper.start()
@@ -7466,13 +7566,16 @@ def main(argv=None):
     evictor.start()
     stopping = threading.Event()
 
-    def on_signal(signum, frame):
+    def stop(*_):
         if not stopping.is_set():
             stopping.set()
             threading.Thread(target=server.shutdown, daemon=True).start()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    if parent is not None:
+        threading.Thread(target=watch_parent, args=(parent, stop), name="parent-watch",
+                         daemon=True).start()
     try:
         server.serve_forever(poll_interval=0.2)
     finally:
@@ -7491,13 +7594,163 @@ def main(argv=None):
     return 0
 
 
-def log_space(store, log):
+def watch_parent(parent, stop):
+    """A worker stops when the process that started it is gone (kill -9)."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    stop()
+
+
+def listen(config):
+    """The listening socket workers share: bound here, before they fork."""
+    host = config.bind or ("::" if socket.has_ipv6 and _dual_stack() else "0.0.0.0")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            try:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            except (OSError, AttributeError):
+                pass
+        sock.bind((host, config.port))
+        sock.listen(BucketServer.request_queue_size)
+        # Every worker waits on it; one wins each connection, and the others'
+        # accept() must not block (they would not see a SIGTERM then).
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class Workers:
+    """The parent of ``--workers N``: binds the port, forks N workers that
+    each serve it with their own ThreadingHTTPServer, journal, staging and
+    index (the several-processes-on-one-directory design), restarts a worker
+    that dies (waiting longer each time it keeps dying, up to
+    WORKER_RESTART_MAX), and on SIGTERM or SIGINT passes it on and waits for
+    their grace.  The workers share a connection cap and /metrics counters
+    through SharedCounters.  The parent starts no thread: it forks."""
+
+    def __init__(self, config, ssl_context, listener):
+        self.config = config
+        self.ssl_context = ssl_context
+        self.listener = listener
+        self.counters = SharedCounters(config.workers)
+        self.log = make_log(config)
+        self.children = {}   # pid -> slot
+        self.started = {}    # slot -> (monotonic start, consecutive failures)
+        self.stopping = False
+
+    def start(self, slot):
+        failures = self.started.get(slot, (0, 0))[1]
+        self.counters.clear(slot)
+        pid = os.fork()
+        if pid == 0:  # the worker
+            status = 1
+            try:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                self.counters.slot = slot
+                status = serve(self.config, self.ssl_context,
+                               make_log(self.config, "worker %d (pid %d): "
+                                        % (slot, os.getpid())),
+                               self.listener, self.counters, parent=os.getppid())
+            finally:
+                os._exit(status)
+        self.children[pid] = slot
+        self.started[slot] = (time.monotonic(), failures)
+
+    def run(self):
+        def stop(*_):
+            self.stopping = True
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        for slot in range(self.config.workers):
+            self.start(slot)
+        restart_at = {}
+        while not self.stopping:
+            self.reap(restart_at)
+            for slot, when in list(restart_at.items()):
+                if time.monotonic() >= when and not self.stopping:
+                    del restart_at[slot]
+                    self.start(slot)
+            time.sleep(0.1)
+        return self.shutdown()
+
+    def reap(self, restart_at):
+        """Collect workers that ended; schedule their restarts."""
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            slot = self.children.pop(pid)
+            began, failures = self.started[slot]
+            failures = 0 if time.monotonic() - began > 60 else failures + 1
+            self.started[slot] = (began, failures)
+            delay = min(WORKER_RESTART_MAX, 2 ** failures - 1)
+            self.log("worker %d (pid %d) ended (%s); starting it again in %g s"
+                     % (slot, pid, describe_status(status), delay))
+            restart_at[slot] = time.monotonic() + delay
+
+    def shutdown(self):
+        """SIGTERM to every worker; their grace, then SIGKILL."""
+        for pid in self.children:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + SHUTDOWN_GRACE + 5
+        while self.children and time.monotonic() < deadline:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid:
+                self.children.pop(pid, None)
+            else:
+                time.sleep(0.05)
+        for pid in self.children:
+            os.kill(pid, signal.SIGKILL)
+        self.listener.close()
+        self.log("stopped")
+        return 0
+
+
+def describe_status(status):
+    if os.WIFSIGNALED(status):
+        return "killed by signal %d" % os.WTERMSIG(status)
+    return "exit status %d" % os.WEXITSTATUS(status)
+
+
+def serve_workers(config, ssl_context):
+    """``--workers N`` (N > 1): the parent of N worker processes."""
+    log = make_log(config)
+    try:
+        listener = listen(config)
+    except OSError as exc:
+        sys.stderr.write("http_bucket: error: %s\n" % bind_error(config, exc))
+        return 2
+    announce(config, ssl_context, listener.getsockname(), log)
+    try:
+        log_space(config, log)
+    except OSError as exc:
+        sys.stderr.write("http_bucket: error: cannot use ARCHIVE_DIR %s: %s\n"
+                         % (config.directory, exc.strerror or exc))
+        return 2
+    return Workers(config, ssl_context, listener).run()
+
+
+def log_space(config, log):
     """The startup lines about space: limits, free space and inodes."""
-    config = store.config
-    st = os.statvfs(store.root)
-    free, floor = store.space(fresh=True)
+    makedirs(config.directory)
+    free, floor, st = free_space(config.directory, config.min_free)
     log("filesystem of %s: %s free of %s, %d of %d inodes free; keeping %s free (BUCKET_MIN_FREE)%s"
-        % (store.root, human_bytes(free), human_bytes(st.f_blocks * st.f_frsize),
+        % (config.directory, human_bytes(free), human_bytes(st.f_blocks * st.f_frsize),
            st.f_favail, st.f_files, human_bytes(floor),
            "; blobs capped at %s (BUCKET_MAX_SIZE)" % human_bytes(config.max_size)
            if config.max_size else ""))

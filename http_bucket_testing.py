@@ -371,13 +371,31 @@ class ServerProcess:
         return self._end_run()
 
     def kill(self):
-        """SIGKILL to the PID (a crash: nothing is cleaned up); ends the run."""
+        """SIGKILL to the PID and its workers' (a crash: nothing is cleaned
+        up); ends the run."""
         if self._log is None:
             return self.returncode
+        for pid in self.worker_pids():
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(STOP_TIMEOUT)
         return self._end_run()
+
+    def worker_pids(self):
+        """The PIDs of the worker processes (--workers N) of this run."""
+        try:
+            with open("/proc/%d/task/%d/children" % (self.proc.pid, self.proc.pid)) as handle:
+                return [int(pid) for pid in handle.read().split()]
+        except OSError:
+            return []
+
+    def pids(self):
+        """This run's PID and its workers' (each has its own journal and staging)."""
+        return [self.proc.pid] + self.worker_pids()
 
     def _end_run(self):
         self.proc.wait(STOP_TIMEOUT)
@@ -420,22 +438,33 @@ class ServerProcess:
             offset += len(piece)
         return b"".join(pieces).decode("utf-8", "replace")
 
-    def _entry_of_this_run(self, parent, suffix=""):
-        """The entry of ``parent`` named "<host>-<pid>-<hex><suffix>" for this run."""
-        marker = "-%d-" % self.proc.pid
+    def _entries_of_this_run(self, parent, suffix=""):
+        """The entries of ``parent`` named "<host>-<pid>-<hex><suffix>" of
+        this run's processes (the server, or its workers)."""
+        markers = ["-%d-" % pid for pid in self.pids()]
         names = os.listdir(parent)
-        for name in names:
-            if marker in name and name.endswith(suffix):
-                return os.path.join(parent, name)
-        raise AssertionError("nothing of pid %d in %s: %s" % (self.proc.pid, parent, names))
+        found = [os.path.join(parent, name) for name in sorted(names)
+                 if name.endswith(suffix) and any(marker in name for marker in markers)]
+        if not found:
+            raise AssertionError("nothing of pids %s in %s: %s" % (self.pids(), parent, names))
+        return found
+
+    def staging_dirs(self):
+        """This run's staging directories (staging/<host>-<pid>-<hex>): one,
+        or one per worker."""
+        return self._entries_of_this_run(os.path.join(self.directory, "staging"))
 
     def staging_dir(self):
-        """This run's staging directory (staging/<host>-<pid>-<hex>)."""
-        return self._entry_of_this_run(os.path.join(self.directory, "staging"))
+        """This run's (first) staging directory."""
+        return self.staging_dirs()[0]
+
+    def journal_paths(self):
+        """This run's journals (index/<host>-<pid>-<hex>.log): one per process."""
+        return self._entries_of_this_run(os.path.join(self.directory, "index"), ".log")
 
     def journal_path(self):
-        """This run's journal (index/<host>-<pid>-<hex>.log)."""
-        return self._entry_of_this_run(os.path.join(self.directory, "index"), ".log")
+        """This run's (first) journal."""
+        return self.journal_paths()[0]
 
     # -- clients -----------------------------------------------------------------------
 

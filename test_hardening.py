@@ -55,14 +55,15 @@ FSYNC_OFF = ("--fsync", "false")  # speed; kill -9 keeps the page cache anyway
 # ===========================================================================
 
 
-def staged_sizes(directory):
-    """Sizes of the files in a staging directory (ones vanishing are skipped)."""
+def staged_sizes(directories):
+    """Sizes of the files in staging directories (ones vanishing are skipped)."""
     sizes = []
-    for name in os.listdir(directory):
-        try:
-            sizes.append(os.stat(os.path.join(directory, name)).st_size)
-        except FileNotFoundError:
-            pass
+    for directory in directories:
+        for name in os.listdir(directory):
+            try:
+                sizes.append(os.stat(os.path.join(directory, name)).st_size)
+            except FileNotFoundError:
+                pass
     return sizes
 
 
@@ -161,10 +162,12 @@ class HardeningCase(unittest.TestCase):
         return payload
 
     def assertOnlyFreshStaging(self, server):
-        """After a restart: the dead process's staging is gone, ours is empty."""
+        """After a restart: the dead processes' staging is gone, ours is empty."""
         root = os.path.join(server.directory, "staging")
-        self.assertEqual(os.listdir(root), [os.path.basename(server.staging_dir())])
-        self.assertEqual(os.listdir(server.staging_dir()), [])
+        ours = server.staging_dirs()
+        self.assertEqual(sorted(os.listdir(root)), sorted(os.path.basename(d) for d in ours))
+        for directory in ours:
+            self.assertEqual(os.listdir(directory), [])
 
     def assertIndexed(self, server, blobs):
         """Every blob answers HEAD by md5, which needs its index record."""
@@ -526,8 +529,10 @@ def metric(server, name, headers=None):
 
 
 class MaxConnectionsTests(HardeningCase):
+    WORKERS = ()  # the cap counts every worker's connections (SharedCounters)
+
     def test_sixth_connection_gets_503_then_service_resumes(self):
-        server = self.start_server(None, "--max-connections", "5")
+        server = self.start_server(None, "--max-connections", "5", *self.WORKERS)
         # Only the /metrics request itself may be counted before we start.
         wait_until(lambda: metric(server, "http_bucket_connections") == 1, 10,
                    what="http_bucket_connections 1")
@@ -553,6 +558,10 @@ class MaxConnectionsTests(HardeningCase):
 
         wait_until(served, 10, 0.1, what="service after the connections closed")
         self.assertGreaterEqual(metric(server, "http_bucket_refused_connections_total"), 1)
+
+
+class MaxConnectionsWorkersTests(MaxConnectionsTests):
+    WORKERS = ("--workers", "2")
 
 
 class TimeoutTests(HardeningCase):
@@ -886,6 +895,11 @@ class DisconnectTests(HardeningCase):
 class CrashTests(HardeningCase):
     """kill -9 mid-upload and mid-expansion; a restart finds a consistent store."""
 
+    WORKERS = ()  # CrashWorkersTests: the same with --workers 2
+
+    def start_server(self, directory=None, *args, **options):
+        return super().start_server(directory, *(self.WORKERS + args), **options)
+
     def store_some(self, server):
         """Complete uploads that must survive: {sha256: content}."""
         kept = {}
@@ -944,7 +958,7 @@ class CrashTests(HardeningCase):
             self.addCleanup(sock.close)
             sock.sendall(head)
             socks.append(sock)
-        staging = server.staging_dir()
+        staging = server.staging_dirs()
         for round_number in range(6):  # "slowly": a MiB per upload per round
             for number, sock in enumerate(socks):
                 if number == 3:
@@ -955,7 +969,7 @@ class CrashTests(HardeningCase):
         wait_until(lambda: len([size for size in staged_sizes(staging) if size >= MIB]) >= 3,
                    10, what="three uploads with a MiB staged")
         server.kill()
-        self.assertNotEqual(os.listdir(staging), [], "nothing was in flight")
+        self.assertNotEqual(staged_sizes(staging), [], "nothing was in flight")
         restarted, blobs = self.check_restart(directory, kept)
         self.assertEqual(files_under(os.path.join(directory, "files", "inflight")), [])
         self.assertEqual(len(blobs), len(kept) + 20, sorted(blobs))  # + the kept zip's members
@@ -980,15 +994,16 @@ class CrashTests(HardeningCase):
                 except (OSError, http.client.HTTPException):
                     pass
 
-            staging, journal = server.staging_dir(), server.journal_path()
-            journal_start = os.path.getsize(journal)
+            staging, journals = server.staging_dirs(), server.journal_paths()
+            journal_start = sum(os.path.getsize(journal) for journal in journals)
 
-            def midway(phase=phase, staging=staging, journal=journal, start=journal_start):
+            def midway(phase=phase, staging=staging, journals=journals, start=journal_start):
                 if answered:
                     return "finished"
                 if phase == "staging members":
-                    return len(os.listdir(staging)) >= 800
-                return os.path.getsize(journal) - start >= 800 * 200  # ~260 bytes a record
+                    return len(staged_sizes(staging)) >= 800
+                grown = sum(os.path.getsize(journal) for journal in journals) - start
+                return grown >= 800 * 200  # ~260 bytes a record
 
             uploader = threading.Thread(target=upload, daemon=True)
             uploader.start()
@@ -1021,7 +1036,7 @@ class CrashTests(HardeningCase):
         self.addCleanup(sock.close)
         sock.sendall(b"PUT /upload/term.bin HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(content)
                      + content[:2 * MIB])
-        staging = server.staging_dir()
+        staging = server.staging_dirs()
         wait_until(lambda: any(size >= MIB for size in staged_sizes(staging)), 10,
                    what="a MiB of the upload staged")
         signalled = time.monotonic()
@@ -1046,6 +1061,11 @@ class CrashTests(HardeningCase):
         self.assertEqual(sha256_file(blob), sha256)
         with self.assertRaises(OSError):
             socket.create_connection(("127.0.0.1", server.port), timeout=5).close()
+
+
+class CrashWorkersTests(CrashTests):
+    """kill -9 of the parent and its workers, and SIGTERM through the parent."""
+    WORKERS = ("--workers", "2")
 
 
 # ===========================================================================

@@ -102,6 +102,16 @@ class StagingOfLiveProcessesTests(unittest.TestCase):
                 live.stop()
 
 
+class SharedDirectoryWorkersTests(SharedDirectoryTests):
+    """The same tests with two servers of two workers each (four processes)."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.mkdtemp()
+        cls.a = start_server(cls.tmp, *FSYNC_OFF, "--workers", "2")
+        cls.b = start_server(cls.tmp, *FSYNC_OFF, "--workers", "2")
+
+
 @unittest.skipUnless(os.environ.get("HTTP_BUCKET_DFS") == "1"
                      and os.path.ismount("/mnt/dfs-a") and os.path.ismount("/mnt/dfs-b"),
                      "GlusterFS not mounted (HTTP_BUCKET_DFS=1 after ../shared/dfs/dfs-up.sh)")
