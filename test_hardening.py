@@ -876,7 +876,7 @@ class DisconnectTests(HardeningCase):
              % len(zipped), zipped[:-1]),
             ("inside the headers", b"PUT /upload/head.bin HTTP/1.1\r\nContent-Len", b""),
         ]
-        staging = server.staging_dir()
+        staging = server.staging_dirs()
         for what, head, sent in cases:
             with self.subTest(what):
                 sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
