@@ -22,10 +22,11 @@ The map: sections in order, each using only those above it.
 5. Request bodies -- BodyReader (Content-Length, chunked), MultipartParser
    (sans-IO, events), multipart_boundary.
 6. Store -- Digester (all digests in one pass), StagedBlob (hash while
-   writing), Journal (per-process record), ChecksumIndex and Pins (the
-   memory), BlobTable (last use, keep marks, totals), RemovedBlobs (why
-   blobs went), JournalSet (replay and reconcile), Transaction (undo log
-   and commit point), Store (blobs, names, space, reclaiming).
+   writing), Journal (per-process record), IndexBase and BlobIndex (the
+   memory: digests, pins, keep marks, last uses, totals), RemovedBlobs
+   (why blobs went), the snapshot (write_snapshot, read_snapshot),
+   JournalSet (replay, reconcile, snapshots, compaction), Transaction
+   (undo log and commit point), Store (blobs, names, space, reclaiming).
 7. Archives -- sniff, guess_mime, Budget (expansion limits), TreeBuilder,
    expand_zip/expand_tar, Expander (decompressed blob, explode tree).
 8. Organizing -- ReplicaTemplate and make_replicas, retention, Sweeper
@@ -156,8 +157,6 @@ MAX_JSON_LIST = 10000               # members listed in a response's
 MAX_RETAIN_DAYS = 36500             # a retention of 100 years: beyond it a
                                     # number is a mistake, not a wish
 MAX_REPLICA_NUMBER = 100000         # <name>.<stamp>.<n> tried per minute
-MERGE_BATCH = 10000                 # journal lines written per write when
-                                    # folding dead journals (memory bound)
 NAME_DIGEST_CACHE = 10000           # inodes whose digests are remembered
                                     # where blobs have no digests xattr
 NAMES_IN_CONFLICT = 20              # names listed by a 409 of DELETE
@@ -204,6 +203,15 @@ SYNC_EVICT_SECONDS = 10.0           # an upload needing room waits this long
 RETRY_AFTER_EVICTING = 5            # Retry-After of a 507 eviction can cure
 SPACE_CACHE = 0.25                  # seconds a statvfs reading is reused
 USE_FLUSH_SECONDS = 30.0            # uses are journaled this often (T lines)
+SNAPSHOT_FILE = "snapshot.bin"      # the index as one file, in index/,
+SNAPSHOT_PREVIOUS = "snapshot.prev.bin"  # ... and the one before it
+SNAPSHOT_HEADER = 65536             # bytes: magic, JSON header (the journal
+                                    # offsets it covers), padding
+SNAPSHOT_MARGIN = 120.0             # seconds of its own journal a snapshot
+                                    # leaves to be read again at startup:
+                                    # a record is written before its change
+                                    # is in memory, and reading it twice is
+                                    # harmless
 MAX_BATCH_DIGESTS = 10000           # digests in one POST /checksum
 MAX_BATCH_BODY = 1024 * 1024        # bytes of one POST /checksum body
 
@@ -731,6 +739,9 @@ SETTINGS = [
     Setting("sweep_interval", ("--sweep-interval",), "BUCKET_SWEEP_INTERVAL", "60",
             _positive_float, "SECONDS", "how often expired names are "
             "removed", False),
+    Setting("snapshot_interval", ("--snapshot-interval",), "BUCKET_SNAPSHOT_INTERVAL",
+            "600", _positive_float, "SECONDS", "how often the index snapshot is "
+            "written while the index changes", False),
     Setting("token", ("--token",), "BUCKET_TOKEN", "", str, "TOKEN",
             "token required to POST, PUT and DELETE", True),
     Setting("read_token", ("--read-token",), "BUCKET_READ_TOKEN", "", str, "TOKEN",
@@ -1373,6 +1384,20 @@ class Journal:
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         self.lock = threading.Lock()
+        self.size = os.fstat(self.fd).st_size
+        self.marks = collections.deque([(0.0, self.size)])  # (time, size then)
+
+    def covered(self, when):
+        """How much of this journal surely has its effects in memory by
+        ``when``: its size at the last mark (one a second, kept for
+        SNAPSHOT_MARGIN) before then."""
+        with self.lock:
+            size = 0
+            for mark, at in self.marks:
+                if mark > when:
+                    break
+                size = at
+            return size
 
     @staticmethod
     def line(kind, *fields):
@@ -1385,10 +1410,18 @@ class Journal:
     def write_lines(self, lines):
         """Append whole lines with one write; raises InsufficientStorage
         when the disk is full."""
-        try:
-            os.write(self.fd, "".join(lines).encode("utf-8", "surrogateescape"))
-        except OSError as exc:
-            raise_storage_error(exc)
+        data = "".join(lines).encode("utf-8", "surrogateescape")
+        with self.lock:
+            try:
+                os.write(self.fd, data)
+            except OSError as exc:
+                raise_storage_error(exc)
+            self.size += len(data)
+            now = utc_now()
+            if now - self.marks[-1][0] >= 1.0:
+                self.marks.append((now, self.size))
+                while len(self.marks) > 2 and self.marks[1][0] < now - 2 * SNAPSHOT_MARGIN:
+                    self.marks.popleft()
 
     def blob(self, size, digests):
         self.write("B", size, *("%s=%s" % item for item in sorted(digests.items())))
@@ -1432,247 +1465,206 @@ def _forever(fields):
     return len(fields) < 2 or fields[1] in ("0", "0.0", "0.000")
 
 
-
-def _field_digest(fields, algorithm):
-    prefix = algorithm + "="
-    for field in fields:
-        if field.startswith(prefix):
-            return field[len(prefix):]
-    return None
+def digest_key(hexdigest):
+    """The index key of a digest: its first 8 bytes as an unsigned int."""
+    return int(hexdigest[:16], 16)
 
 
+def _extend(target, source, start, end):
+    """Append ``source[start:end]`` to array ``target`` at C speed
+    (``source``: an array, or a memoryview of a mapped snapshot)."""
+    if end > start:
+        target.frombytes(memoryview(source)[start:end])
 
 
-class ChecksumIndex:
-    """digest -> blob, for every configured algorithm but sha256.
+def _clamp_seconds(when):
+    return min(max(int(when), 0), 0xFFFFFFFF)
 
-    sha256 needs no table: it names the blob's path, and the disk answers.
-    Every other digest maps to the first 16 bytes of the blob's sha256; the
-    blob's directory (``blob/ab/cd``, a file or two) supplies the rest.
-    Keys and values are ints of 16 bytes (48-byte objects; bytes take 56),
-    sha512 cut to its first 16 bytes too (a false match needs a 128-bit
-    sha512 prefix collision, about 2**64 work).  Measured with tracemalloc:
-    a set of sha256 plus full keys cost 310 bytes a blob, bytes keys 252,
-    ints 228 (goal: <= 300, counted as RSS).  ``recorded`` holds the first 8
-    bytes of every recorded sha256 while the blob tree is scanned at
-    startup, then is dropped.  Readers need no lock: dict operations are
-    atomic under the GIL.
+
+class IndexBase:
+    """The bulk of the index: sorted fixed-width arrays, built in memory or
+    mapped from a snapshot file (then shared by every process that maps
+    it: the kernel keeps one copy of its pages).
+
+    ``keys``: the first 8 bytes of each blob's sha256, ascending ('Q');
+    ``used``: its last use, Unix seconds ('I'); ``flags``: BlobIndex flags
+    ('B'); ``aliases``: {algorithm: (akeys, skeys)}, the first 8 bytes of
+    each blob's digest of that algorithm, ascending, beside the first 8
+    bytes of its sha256.  8 + 4 + 1 + 16 per alias: 45 bytes a blob with
+    md5 and sha512.  Never changed once made: a new one replaces it.
     """
 
-    KEY_BYTES = 16
+    def __init__(self, keys, used, flags, aliases, count=0, size=0):
+        self.keys, self.used, self.flags, self.aliases = keys, used, flags, aliases
+        self.count, self.bytes = count, size
+
+    @classmethod
+    def empty(cls, aliases):
+        return cls(array.array("Q"), array.array("I"), array.array("B"),
+                   {name: (array.array("Q"), array.array("Q")) for name in aliases})
+
+    def find(self, key):
+        """Position of ``key`` in ``keys``, or -1."""
+        spot = bisect.bisect_left(self.keys, key)
+        return spot if spot < len(self.keys) and self.keys[spot] == key else -1
+
+    def alias_targets(self, name, akey):
+        """sha256 keys of the blobs whose ``name`` digest starts like ``akey``."""
+        akeys, skeys = self.aliases.get(name, ((), ()))
+        spot = bisect.bisect_left(akeys, akey)
+        found = []
+        while spot < len(akeys) and akeys[spot] == akey:
+            found.append(skeys[spot])
+            spot += 1
+        return found
+
+
+class BlobIndex:
+    """Everything a process keeps in memory about the blobs, compact.
+
+    It is the checksum index (any digest -> the blob), the pins (blobs
+    kept without a name), the keep marks, each blob's last use (eviction
+    order) and the totals (blobs, bytes).  The bulk is an IndexBase: sorted
+    arrays, usually the mapped snapshot (JournalSet).  What changed since
+    is in ``delta`` {key: [last use, flags]} and ``alias_delta`` {algorithm:
+    {akey: key or (keys,)}}, read first.  When the delta reaches
+    SNAPSHOT_AFTER keys, ``on_grow`` asks for a snapshot (which every
+    process then maps, dropping what it covers from its delta: ``adopt``);
+    at COMPACT_EVERY keys (no snapshot could be written) it is folded into
+    a private base (slices of the arrays copied around the new keys: C
+    speed).  Keys are 8-byte prefixes: a digest found here is confirmed
+    against the blob on disk (Store.lookup), so two digests sharing a
+    prefix can slow a lookup but never give a wrong answer.  Readers take
+    no lock (``delta`` and ``base`` are replaced, base first, never changed
+    in place but for single dict operations); writers hold ``lock``.
+    """
+
+    RECORDED, PINNED, KEPT, GONE = 1, 2, 4, 8   # flags of a key
+    SNAPSHOT_AFTER = 16384
+    COMPACT_EVERY = 65536
 
     def __init__(self, algorithms):
-        self.algorithms = algorithms
-        self.aliases = {name: {} for name in algorithms if name != "sha256"}
-        self.count = 0
-        self.recorded = array.array("Q")
-        self.lock = threading.Lock()
+        self.aliases = tuple(name for name in algorithms if name != "sha256")
+        self.base = IndexBase.empty(self.aliases)
+        self.delta = {}
+        self.alias_delta = {name: {} for name in self.aliases}
+        self.pins_until = {}   # sha256 -> retain_until: the few pins with an end
+        self.dirty = {}        # key -> time of uses not journaled yet (T lines)
+        self.count = self.bytes = 0
+        self.on_grow = None    # called when the delta reaches SNAPSHOT_AFTER
+        self.lock = threading.RLock()
 
-    def add(self, digests):
-        sha256 = digests["sha256"]
-        prefix = int(sha256[:2 * self.KEY_BYTES], 16)
-        with self.lock:
-            if self.recorded is not None:
-                self.recorded.append(int(sha256[:16], 16))
-            grew = not self.aliases
-            for name, table in self.aliases.items():
-                if name in digests:
-                    key = int(digests[name][:2 * self.KEY_BYTES], 16)
-                    grew = grew or key not in table
-                    table[key] = prefix
-            self.count += grew
+    # -- reading -------------------------------------------------------------
 
-    def get(self, algorithm, hexdigest):
-        """Hex of the sha256 (or of its first 16 bytes) for a digest, or None."""
-        if algorithm == "sha256":
-            return hexdigest
-        table = self.aliases.get(algorithm)
-        prefix = None if table is None else table.get(int(hexdigest[:2 * self.KEY_BYTES], 16))
-        return None if prefix is None else "%0*x" % (2 * self.KEY_BYTES, prefix)
+    def entry(self, key):
+        """[last use, flags] of ``key`` (a copy when from the base), or None."""
+        found = self.delta.get(key)
+        if found is not None:
+            return found
+        base = self.base
+        spot = base.find(key)
+        return None if spot < 0 else [float(base.used[spot]), base.flags[spot]]
 
-    def forget(self):
-        """One blob fewer (its aliases fail the disk check from now on)."""
-        with self.lock:
-            self.count = max(0, self.count - 1)
+    def stored(self, key):
+        entry = self.entry(key)
+        return bool(entry and entry[1] & self.RECORDED and not entry[1] & self.GONE)
 
-    def recorded_keys(self):
-        """Sorted first-8-byte keys of the recorded blobs; stops recording."""
-        with self.lock:
-            keys, self.recorded = self.recorded, None
-        return array.array("Q", sorted(keys))
+    def candidates(self, algorithm, hexdigest):
+        """16-hex prefixes of the sha256 of the blobs that may have this
+        ``algorithm`` digest (each to be confirmed on disk)."""
+        akey = digest_key(hexdigest)
+        found = self.alias_delta.get(algorithm, {}).get(akey)
+        targets = list(found) if isinstance(found, tuple) else [] if found is None else [found]
+        targets += self.base.alias_targets(algorithm, akey)
+        return ["%016x" % skey for skey in dict.fromkeys(targets)]
+
+    def last_use(self, sha256):
+        entry = self.entry(digest_key(sha256))
+        return None if entry is None or entry[1] & self.GONE else entry[0]
+
+    def is_kept(self, sha256):
+        entry = self.entry(digest_key(sha256))
+        return bool(entry and entry[1] & self.KEPT)
+
+    def pinned(self, sha256):
+        if sha256 in self.pins_until:
+            return True
+        entry = self.entry(digest_key(sha256))
+        return bool(entry and entry[1] & self.PINNED)
 
     def __len__(self):
         return self.count
 
-
-class Pins:
-    """Blobs kept without a name: uploads to /upload, blobs adopted at startup.
-
-    Most are kept until deleted (a set of the first 16 bytes of their
-    sha256 as ints: about 90 bytes a blob, where a dict of hex strings to
-    floats cost 440); those with a retention are few and sit in a dict
-    of sha256 -> retain_until, which the sweeper walks.  P journal records
-    of kept-forever pins may name a 32-hex prefix of the sha256.
-    """
-
-    def __init__(self):
-        self.forever = set()
-        self.until = {}
-
-    @staticmethod
-    def key(sha256):
-        return int(sha256[:32], 16)
-
-    def __contains__(self, sha256):
-        return sha256 in self.until or self.key(sha256) in self.forever
-
-    def add(self, sha256, retain_until=0.0):
-        """Pin; True when this changed anything (a pin is never shortened)."""
-        key = self.key(sha256)
-        if key in self.forever:
-            return False
-        if not retain_until:
-            self.forever.add(key)
-            self.until.pop(sha256, None)
-            return True
-        if self.until.get(sha256, 0.0) >= retain_until:
-            return False
-        self.until[sha256] = retain_until
-        return True
-
-    def discard(self, sha256):
-        """Unpin; True when it was pinned."""
-        key = self.key(sha256)
-        was = key in self.forever or sha256 in self.until
-        self.forever.discard(key)
-        self.until.pop(sha256, None)
-        return was
-
-    def state(self, sha256):
-        """What ``restore`` needs to undo a change to this blob's pin."""
-        return self.key(sha256) in self.forever, self.until.get(sha256)
-
-    def restore(self, sha256, state):
-        forever, until = state
-        key = self.key(sha256)
-        if forever:
-            self.forever.add(key)
-        else:
-            self.forever.discard(key)
-        if until is None:
-            self.until.pop(sha256, None)
-        else:
-            self.until[sha256] = until
-
-    def records(self):
-        """P journal lines for every pin (merging journals)."""
-        for key in list(self.forever):
-            yield Journal.line("P", "%032x" % key, "0.000")
-        for sha256, until in list(self.until.items()):
-            yield Journal.line("P", sha256, "%.3f" % until)
-
-
-class BlobTable:
-    """What eviction needs to know of every blob, compact: when it was last
-    used, whether it is kept, and the totals (blobs, bytes).
-
-    The bulk is three arrays sorted by key (the first 8 bytes of the
-    sha256): ``keys`` ('Q'), ``used`` ('I': Unix seconds) and ``flags``
-    ('B': KEEP, GONE), 13 bytes a blob.  Changes wait in ``recent``
-    {key: [used (float seconds), flags]}, which a lookup reads first; they
-    are merged into the arrays (slices copied around them) when there are
-    MERGE_EVERY of them, or when eviction picks its victims.  A removed blob
-    stays as GONE until the next merge; a blob added again is live again.
-    Uses are also kept in ``dirty`` until ``take_dirty`` hands them to the
-    journal (T records), so a restart keeps the order without a write per
-    use.
-    """
-
-    KEEP, GONE = 1, 2
-    MERGE_EVERY = 65536
-
-    def __init__(self):
-        self.keys = array.array("Q")
-        self.used = array.array("I")
-        self.flags = array.array("B")
-        self.recent = {}
-        self.dirty = {}
-        self.bytes = 0
-        self.count = 0
-        self.lock = threading.Lock()
-
-    @staticmethod
-    def key(sha256):
-        return int(sha256[:16], 16)
-
-    def _entry(self, key):
-        """[used, flags] of ``key`` (a copy for the arrays' part), or None."""
-        entry = self.recent.get(key)
-        if entry is None:
-            spot = bisect.bisect_left(self.keys, key)
-            if spot < len(self.keys) and self.keys[spot] == key:
-                entry = [float(self.used[spot]), self.flags[spot]]
-        return entry
+    # -- blobs ---------------------------------------------------------------
 
     def _set(self, key, used, flags):
-        self.recent[key] = [used, flags]
-        if len(self.recent) >= self.MERGE_EVERY:
-            self._merge()
+        self.delta[key] = [used, flags]
+        size = len(self.delta)
+        if size == self.SNAPSHOT_AFTER and self.on_grow is not None:
+            self.on_grow()
+        elif size >= self.COMPACT_EVERY:
+            self.compact()
 
-    def add(self, sha256, size, when):
-        """A blob was stored at ``when`` (B record); True when it is newly
-        counted (a second record of the same blob only updates its use)."""
-        key = self.key(sha256)
+    def add(self, digests, size, when):
+        """A blob was stored at ``when`` (a B record, or published here):
+        True when it is newly counted (a second record of the same blob
+        only moves its last use)."""
+        sha256 = digests["sha256"]
+        key = digest_key(sha256)
         with self.lock:
-            entry = self._entry(key)
-            if entry is not None and not entry[1] & self.GONE:
+            entry = self.entry(key)
+            if entry is not None and entry[1] & self.RECORDED and not entry[1] & self.GONE:
                 if when > entry[0]:
                     self._set(key, when, entry[1])
                 return False
-            self._set(key, when, 0)  # a keep mark goes with the removed blob
-            self.bytes += size
+            for name in self.aliases:
+                if name in digests:
+                    table = self.alias_delta[name]
+                    akey = digest_key(digests[name])
+                    known = table.get(akey)
+                    if known is None:
+                        table[akey] = key
+                    elif known != key and not (isinstance(known, tuple) and key in known):
+                        table[akey] = (known if isinstance(known, tuple) else (known,)) + (key,)
+            flags = self.RECORDED | (entry[1] & self.PINNED if entry else 0)
             self.count += 1
+            self.bytes += size
+            self._set(key, max(when, entry[0]) if entry else when, flags)
             return True
 
     def remove(self, sha256, size, when):
         """The blob was removed at ``when`` (R record): uncounted, unless it
-        was stored (or used) again after that."""
-        key = self.key(sha256)
+        was stored or used again after that.  Its pin and keep mark go."""
+        key = digest_key(sha256)
         with self.lock:
-            entry = self._entry(key)
-            if entry is None or entry[1] & self.GONE or entry[0] > when:
+            self.pins_until.pop(sha256, None)
+            entry = self.entry(key)
+            if entry is None or not entry[1] & self.RECORDED or entry[1] & self.GONE \
+                    or entry[0] > when:
                 return False
-            self._set(key, entry[0], entry[1] | self.GONE)
-            self.bytes = max(0, self.bytes - size)
             self.count = max(0, self.count - 1)
+            self.bytes = max(0, self.bytes - size)
             self.dirty.pop(key, None)
+            self._set(key, entry[0], self.GONE)
             return True
 
     def touch(self, key, when, persist=True):
-        """Blob ``key`` (``BlobTable.key``) was used at ``when``."""
+        """Blob ``key`` was used at ``when``."""
         with self.lock:
-            entry = self._entry(key)
+            entry = self.entry(key)
             if entry is None or entry[1] & self.GONE or entry[0] >= when:
                 return
-            self._set(key, when, entry[1])
             if persist:
                 self.dirty[key] = when
+            self._set(key, when, entry[1])
 
     def keep(self, sha256):
         """Never evict this blob (an upload said X-Bucket-Keep)."""
-        key = self.key(sha256)
+        key = digest_key(sha256)
         with self.lock:
-            entry = self._entry(key)
-            if entry is not None and not entry[1] & self.KEEP:
-                self._set(key, entry[0], entry[1] | self.KEEP)
-
-    def is_kept(self, sha256):
-        entry = self._entry(self.key(sha256))
-        return bool(entry and entry[1] & self.KEEP)
-
-    def last_use(self, sha256):
-        entry = self._entry(self.key(sha256))
-        return None if entry is None or entry[1] & self.GONE else entry[0]
+            entry = self.entry(key)
+            if entry is not None and not entry[1] & self.KEPT:
+                self._set(key, entry[0], entry[1] | self.KEPT)
 
     def take_dirty(self):
         """{key: time} of the uses since the last call (for T records)."""
@@ -1680,52 +1672,197 @@ class BlobTable:
             dirty, self.dirty = self.dirty, {}
         return dirty
 
+    # -- pins ----------------------------------------------------------------
+
+    def pin(self, sha256, retain_until=0.0):
+        """Pin; True when this changed anything (a pin is never shortened)."""
+        key = digest_key(sha256)
+        with self.lock:
+            entry = self.entry(key) or [0.0, 0]
+            if entry[1] & self.PINNED:
+                return False
+            if not retain_until:
+                self.pins_until.pop(sha256, None)
+                self._set(key, entry[0], entry[1] | self.PINNED)
+                return True
+            if self.pins_until.get(sha256, 0.0) >= retain_until:
+                return False
+            self.pins_until[sha256] = retain_until
+            return True
+
+    def unpin(self, sha256):
+        """Unpin; True when it was pinned."""
+        key = digest_key(sha256)
+        with self.lock:
+            was = self.pinned(sha256)
+            self.pins_until.pop(sha256, None)
+            entry = self.entry(key)
+            if entry is not None and entry[1] & self.PINNED:
+                self._set(key, entry[0], entry[1] & ~self.PINNED)
+            return was
+
+    def pin_state(self, sha256):
+        """What ``pin_restore`` needs to undo a change to this blob's pin."""
+        entry = self.entry(digest_key(sha256))
+        return bool(entry and entry[1] & self.PINNED), self.pins_until.get(sha256)
+
+    def pin_restore(self, sha256, state):
+        forever, until = state
+        key = digest_key(sha256)
+        with self.lock:
+            entry = self.entry(key) or [0.0, 0]
+            if bool(entry[1] & self.PINNED) != forever:
+                self._set(key, entry[0], entry[1] | self.PINNED if forever
+                          else entry[1] & ~self.PINNED)
+            if until is None:
+                self.pins_until.pop(sha256, None)
+            else:
+                self.pins_until[sha256] = until
+
+    # -- eviction --------------------------------------------------------------
+
     def oldest(self, limit, skip=()):
         """Up to ``limit`` (last use, key) of the least recently used blobs
-        that are neither kept nor gone nor in ``skip``, oldest first."""
-        with self.lock:  # the arrays are replaced by a merge, never changed
-            keys, used, flags = self.keys, self.used, self.flags
-            recent = dict(self.recent)
-        skip_flags = self.KEEP | self.GONE
+        that are stored, not kept and not in ``skip``, oldest first."""
+        with self.lock:
+            base, delta = self.base, dict(self.delta)
+        keys, used, flags = base.keys, base.used, base.flags
+        wrong = self.KEPT | self.GONE
         bulk = ((used[spot], keys[spot]) for spot in range(len(keys))
-                if not flags[spot] & skip_flags and keys[spot] not in recent
-                and keys[spot] not in skip)
-        changed = ((entry[0], key) for key, entry in recent.items()
-                   if not entry[1] & skip_flags and key not in skip)
+                if flags[spot] & self.RECORDED and not flags[spot] & wrong
+                and keys[spot] not in delta and keys[spot] not in skip)
+        changed = ((entry[0], key) for key, entry in delta.items()
+                   if entry[1] & self.RECORDED and not entry[1] & wrong and key not in skip)
         return heapq.nsmallest(limit, itertools.chain(changed, bulk))
 
-    def _merge(self):
-        """Fold ``recent`` into the arrays; GONE entries are dropped."""
-        if not self.recent:
-            return
-        keys, used, flags = array.array("Q"), array.array("I"), array.array("B")
+    # -- the base ----------------------------------------------------------------
+
+    def copy_state(self):
+        """(base, delta, alias_delta, count, bytes): a consistent copy to
+        merge without holding the lock."""
+        with self.lock:
+            return (self.base, dict(self.delta),
+                    {name: dict(table) for name, table in self.alias_delta.items()},
+                    self.count, self.bytes)
+
+    def compact(self):
+        """Fold the delta into a new private base (when no snapshot takes it)."""
+        with self.lock:
+            base = merge_index(*self.copy_state())
+            self.base = base
+            self.delta = {}
+            self.alias_delta = {name: {} for name in self.aliases}
+
+    def adopt(self, base):
+        """Use ``base`` (a snapshot just mapped) as the bulk, keeping of the
+        delta only what the snapshot does not already say (this process's
+        newer changes, or ones it has not read yet: those are read later).
+        The counts stay this process's own."""
+        with self.lock:
+            delta = {}
+            for key, entry in self.delta.items():
+                spot = base.find(key)
+                if spot < 0:
+                    if entry[1] & (self.RECORDED | self.PINNED) and not entry[1] & self.GONE:
+                        delta[key] = entry
+                elif base.flags[spot] != entry[1] or \
+                        base.used[spot] != _clamp_seconds(entry[0]):
+                    delta[key] = entry
+            aliases = {}
+            for name, table in self.alias_delta.items():
+                aliases[name] = kept = {}
+                for akey, target in table.items():
+                    known = base.alias_targets(name, akey)
+                    targets = target if isinstance(target, tuple) else (target,)
+                    if any(skey not in known for skey in targets):
+                        kept[akey] = target
+            self.base = base           # readers look at the delta first:
+            self.delta = delta         # base before delta keeps them right
+            self.alias_delta = aliases
+
+
+def _without(data, spots):
+    """A copy of array ``data`` without the items at ``spots`` (ascending)."""
+    kept, start = array.array(data.typecode), 0
+    for spot in spots:
+        _extend(kept, data, start, spot)
+        start = spot + 1
+    _extend(kept, data, start, len(data))
+    return kept
+
+
+def merge_index(base, delta, alias_delta, count, size, drop_gone=False):
+    """A new IndexBase: ``base`` with ``delta`` folded in.  Removed blobs
+    stay as GONE keys (their aliases with them) until ``drop_gone``, when a
+    snapshot is written: then they and their aliases are dropped (a pass
+    over every alias, in Python: not at every compaction)."""
+    keys, used, flags = array.array("Q"), array.array("I"), array.array("B")
+    start = 0
+    gone = set()
+    wanted = BlobIndex.RECORDED | BlobIndex.PINNED
+    for key in sorted(delta):
+        when, bits = delta[key]
+        spot = bisect.bisect_left(base.keys, key, start)
+        _extend(keys, base.keys, start, spot)
+        _extend(used, base.used, start, spot)
+        _extend(flags, base.flags, start, spot)
+        start = spot + (spot < len(base.keys) and base.keys[spot] == key)
+        if not bits & wanted:
+            bits = BlobIndex.GONE
+        if drop_gone and bits & BlobIndex.GONE:
+            gone.add(key)
+            continue
+        keys.append(key)
+        used.append(_clamp_seconds(when))
+        flags.append(bits)
+    _extend(keys, base.keys, start, len(base.keys))
+    _extend(used, base.used, start, len(base.keys))
+    _extend(flags, base.flags, start, len(base.keys))
+    if drop_gone:  # GONE keys the base kept (removed flags are GONE alone)
+        raw = flags.tobytes()
+        spots = []
+        spot = raw.find(b"\x08")
+        while spot >= 0:
+            spots.append(spot)
+            spot = raw.find(b"\x08", spot + 1)
+        if spots:
+            gone.update(keys[spot] for spot in spots)
+            keys, used, flags = (_without(data, spots) for data in (keys, used, flags))
+    aliases = {}
+    for name, (akeys, skeys) in base.aliases.items():
+        new_akeys, new_skeys = array.array("Q"), array.array("Q")
+        added = sorted((akey, skey) for akey, target in alias_delta.get(name, {}).items()
+                       for skey in (target if isinstance(target, tuple) else (target,)))
         start = 0
-        for key in sorted(self.recent):
-            spot = bisect.bisect_left(self.keys, key, start)
-            keys += self.keys[start:spot]
-            used += self.used[start:spot]
-            flags += self.flags[start:spot]
-            when, bits = self.recent[key]
-            if not bits & self.GONE:
-                keys.append(key)
-                used.append(min(int(when), 0xFFFFFFFF))
-                flags.append(bits)
-            start = spot + (spot < len(self.keys) and self.keys[spot] == key)
-        keys += self.keys[start:]
-        used += self.used[start:]
-        flags += self.flags[start:]
-        self.keys, self.used, self.flags, self.recent = keys, used, flags, {}
+        for akey, skey in added:
+            spot = bisect.bisect_left(akeys, akey, start)
+            _extend(new_akeys, akeys, start, spot)
+            _extend(new_skeys, skeys, start, spot)
+            start = spot
+            new_akeys.append(akey)
+            new_skeys.append(skey)
+        _extend(new_akeys, akeys, start, len(akeys))
+        _extend(new_skeys, skeys, start, len(skeys))
+        if gone:
+            kept = [spot for spot, skey in enumerate(new_skeys) if skey not in gone]
+            if len(kept) < len(new_skeys):
+                new_akeys = array.array("Q", [new_akeys[spot] for spot in kept])
+                new_skeys = array.array("Q", [new_skeys[spot] for spot in kept])
+        aliases[name] = (new_akeys, new_skeys)
+    return IndexBase(keys, used, flags, aliases, count, size)
 
 
 class RemovedBlobs:
     """Why blobs were removed (R journal records): sha256 -> reason.
 
-    8 bytes a blob: a sorted array of 64-bit words, 56 bits of the sha256
-    and a reason code; new entries wait in a dict and are merged in
-    MERGE_EVERY at a time (slices of the array copied around them, so a
-    merge costs a copy of the array, not a Python loop over it).  A 56-bit
-    prefix shared by two removed blobs gives the later one's reason to
-    both: a reason is a note for people, never a decision.
+    8 bytes a blob: a sorted array of 64-bit words, 40 bits of the sha256,
+    the day of the removal (16 bits) and a reason code (8); new entries
+    wait in a dict and are merged in MERGE_EVERY at a time (slices of the
+    array copied around them: a copy of the array, not a Python loop over
+    it).  A 40-bit prefix shared by two removed blobs gives the later
+    one's reason to both: a reason is a note for people, never a decision.
+    Reasons older than GONE_REASONS_DAYS are dropped when a snapshot is
+    written.
     """
 
     REASONS = ("deleted", "expired", "evicted", "undone", "reclaimed")
@@ -1738,90 +1875,287 @@ class RemovedBlobs:
 
     @staticmethod
     def key(sha256):
-        return int(sha256[:14], 16)
+        return int(sha256[:10], 16)
 
-    def add(self, sha256, reason):
+    def add(self, sha256, reason, when=None):
         code = self.REASONS.index(reason) if reason in self.REASONS else 0
+        day = min(int((utc_now() if when is None else when) // 86400), 0xFFFF)
         with self.lock:
-            self.recent[self.key(sha256)] = code
+            self.recent[self.key(sha256)] = day << 8 | code
             if len(self.recent) >= self.MERGE_EVERY:
                 self._merge()
 
     def get(self, sha256):
         """The reason blob ``sha256`` was removed, or None if unknown."""
         key = self.key(sha256)
-        code = self.recent.get(key)
-        if code is None:
-            spot = bisect.bisect_left(self.words, key << 8)
-            if spot < len(self.words) and self.words[spot] >> 8 == key:
-                code = self.words[spot] & 0xFF
-        return None if code is None else self.REASONS[code]
+        low = self.recent.get(key)
+        if low is None:
+            words = self.words
+            spot = bisect.bisect_left(words, key << 24)
+            if spot < len(words) and words[spot] >> 24 == key:
+                low = words[spot] & 0xFFFFFF
+        return None if low is None else self.REASONS[low & 0xFF]
 
     def __len__(self):
         return len(self.words) + len(self.recent)
+
+    def load(self, data):
+        """Take the words of a snapshot (bytes-like)."""
+        words = array.array("Q")
+        words.frombytes(data)
+        with self.lock:
+            self.words, self.recent = words, {}
+
+    def dump(self, since_day):
+        """The words to snapshot: every reason noted on or after ``since_day``."""
+        with self.lock:
+            self._merge()
+            words = self.words
+        return array.array("Q", [word for word in words if (word >> 8) & 0xFFFF >= since_day])
 
     def _merge(self):
         merged = array.array("Q")
         start = 0
         for key in sorted(self.recent):
-            spot = bisect.bisect_left(self.words, key << 8, start)
-            merged += self.words[start:spot]
-            merged.append(key << 8 | self.recent[key])
-            start = spot + (spot < len(self.words) and self.words[spot] >> 8 == key)
-        merged += self.words[start:]
+            spot = bisect.bisect_left(self.words, key << 24, start)
+            _extend(merged, self.words, start, spot)
+            merged.append(key << 24 | self.recent[key])
+            start = spot + (spot < len(self.words) and self.words[spot] >> 24 == key)
+        _extend(merged, self.words, start, len(self.words))
         self.words, self.recent = merged, {}
 
 
-class JournalSet:
-    """Every process's journal as this process reads them.
+# -- the snapshot: the index as one file, mapped by every process ---------------
 
-    ``refresh`` applies what the other journals gained since the last call
-    to the store's memory (index, pins, expiries, derivations); ``load``
-    is the startup: all journals, then ``reconcile``: blobs on disk that no
-    journal records are hashed and kept, and the journals of dead
-    processes are folded into ours.
+SNAPSHOT_MAGIC = b"HTTP_BUCKET_SNAPSHOT 1\n"
+
+
+def write_snapshot(path, base, offsets, extra, sections=()):
+    """Write ``base`` (an IndexBase), ``extra`` (JSON: pins with an end,
+    expiries, derivations) and the arrays of ``sections`` (name, array) to
+    ``path`` atomically: a temporary file beside it, fsynced, renamed over
+    it.  The header records the journal ``offsets`` it covers, where each
+    section is and a CRC-32 of them all, so a torn or damaged file is
+    never trusted.  Sections start at multiples of 8 bytes (mapped as
+    arrays of 8-byte words)."""
+    parts = [("keys", base.keys), ("used", base.used), ("flags", base.flags)]
+    for name, (akeys, skeys) in sorted(base.aliases.items()):
+        parts += [("alias:%s:keys" % name, akeys), ("alias:%s:blobs" % name, skeys)]
+    parts += list(sections)
+    parts.append(("extra", json.dumps(extra, ensure_ascii=False).encode("utf-8")))
+    layout, position, crc = {}, SNAPSHOT_HEADER, 0
+    for name, data in parts:
+        length = len(memoryview(data).cast("B"))
+        layout[name] = [position, length]
+        position += length + (-length) % 8
+    header = SNAPSHOT_MAGIC + json.dumps({
+        "version": 1, "created": utc_now(), "count": base.count, "bytes": base.bytes,
+        "offsets": offsets, "sections": layout}).encode() + b"\n"
+    temporary = "%s.%s.tmp" % (path, secrets.token_hex(4))
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(b"\0" * SNAPSHOT_HEADER)
+            for name, data in parts:
+                raw = memoryview(data).cast("B")
+                handle.write(raw)
+                handle.write(b"\0" * ((-len(raw)) % 8))
+                crc = zlib.crc32(raw, crc)
+            header += json.dumps({"crc32": crc}).encode() + b"\n"
+            if len(header) > SNAPSHOT_HEADER:
+                raise OSError(errno.EFBIG, "the snapshot header is over %d bytes (%d journals)"
+                              % (SNAPSHOT_HEADER, len(offsets)))
+            handle.seek(0)
+            handle.write(header)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        _unlink_quietly(temporary)
+        raise
+    fsync_dir(os.path.dirname(path))
+
+
+def read_snapshot(path, aliases):
+    """(IndexBase mapped from ``path``, header, {section: memoryview}) or
+    None when there is no such file; raises ValueError for one that is
+    torn, damaged or made for other digests (the caller falls back)."""
+    try:
+        handle = open(path, "rb")
+    except FileNotFoundError:
+        return None
+    with handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size < SNAPSHOT_HEADER:
+            raise ValueError("shorter than its header")
+        mapping = mmap.mmap(handle.fileno(), size, access=mmap.ACCESS_READ)
+    # No mapping.close(): the arrays read from it stay valid as long as a
+    # view of them lives; the pages are unmapped when the last one goes.
+    try:
+        lines = mapping[:SNAPSHOT_HEADER].split(b"\n")
+        if lines[0] + b"\n" != SNAPSHOT_MAGIC or len(lines) < 3:
+            raise ValueError("no snapshot header")
+        header, trailer = json.loads(lines[1]), json.loads(lines[2])
+        crc, views = 0, {}
+        for name, (offset, length) in sorted(header["sections"].items(),
+                                             key=lambda item: item[1][0]):
+            if offset < SNAPSHOT_HEADER or offset + length > size:
+                raise ValueError("section %s lies outside the file" % name)
+            views[name] = memoryview(mapping)[offset:offset + length]
+            crc = zlib.crc32(views[name], crc)
+        if crc != trailer["crc32"]:
+            raise ValueError("its CRC-32 does not match: the file is damaged")
+        found = sorted(name for name in views if name.startswith("alias:"))
+        if found != sorted("alias:%s:%s" % (name, part)
+                           for name in aliases for part in ("blobs", "keys")):
+            raise ValueError("made for other digests (%s)" % ", ".join(found))
+        keys = views["keys"].cast("Q")
+        used, flags = views["used"].cast("I"), views["flags"]
+        if len(used) != len(keys) or len(flags) != len(keys):
+            raise ValueError("its sections do not agree")
+        table = {name: (views["alias:%s:keys" % name].cast("Q"),
+                        views["alias:%s:blobs" % name].cast("Q")) for name in aliases}
+        base = IndexBase(keys, used, flags, table, int(header["count"]), int(header["bytes"]))
+        if not isinstance(header["offsets"], dict):
+            raise ValueError("no journal offsets")
+        return base, header, views
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        raise ValueError(str(exc) or exc.__class__.__name__)
+
+
+def _file_id(path):
+    st = os.stat(path)
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+class JournalSet:
+    """Every process's journal as this process reads them, and the snapshot.
+
+    ``load`` (startup): map ``index/snapshot.bin`` when it is sound (else
+    the one before it, ``snapshot.prev.bin``; with neither, or both
+    damaged or stale, the journals are read whole, and the startup line
+    says why), read each journal from the offset the snapshot covers, and
+    set ``store.ready``.  Then ``reconcile`` in the background: what dead
+    processes left in staging (a blob published but not yet named or
+    pinned when the process was killed is reclaimed), the blob tree listed
+    for blobs no journal records (directories only, no stat per blob;
+    yielding to requests after each directory; what is found is hashed
+    once and kept), then a snapshot when anything changed, and the
+    compaction of journals.
+
+    Compaction: a dead process's journal is deleted once the snapshot and
+    the one before it both cover it whole (so either can rebuild the
+    index); nothing is ever copied from journal to journal.  Removed blobs
+    leave the index when a snapshot is written.
+
+    ``refresh`` reads what the journals gained since the last call;
+    ``maintain`` (every EVICT_INTERVAL, from the Evictor thread) maps a
+    newer snapshot another process wrote, and writes one when the delta
+    has grown past BlobIndex.SNAPSHOT_AFTER or ``--snapshot-interval``
+    has passed with changes (and at a clean shutdown: ``close``).
     """
 
     def __init__(self, store):
         self.store = store
-        self.offsets = {}  # journal path -> bytes read so far
-        self.lock = threading.Lock()
+        self.offsets = {}        # journal path -> bytes read so far
+        self.snapshot_path = os.path.join(store.index_dir, SNAPSHOT_FILE)
+        self.previous_path = os.path.join(store.index_dir, SNAPSHOT_PREVIOUS)
+        self.snapshot_id = None  # _file_id of the snapshot mapped
+        self.written = time.monotonic()
+        self.wanted = threading.Event()  # the delta grew: snapshot soon
+        self.lock = threading.RLock()
+        self.writing = threading.Lock()  # fcntl locks do not part threads
+
+    # -- startup ---------------------------------------------------------------
 
     def load(self):
-        """Rebuild the index from the journals, then reconcile with the disk.
+        """Startup: the index from the snapshot and journals, then reconcile.
 
-        Runs in a background thread at startup; sets ``store.ready`` after
-        the journals are read, so lookups are served while the tree is
-        scanned, and ``store.reconciled`` at the end.
+        Runs in a background thread; sets ``store.ready`` when lookups may
+        trust the index, ``store.reconciled`` at the end.
         """
         store = self.store
         started = time.monotonic()
-        self.refresh()
+        with self.lock:
+            source = self.use_snapshot()
+            self.refresh()
         store.load_seconds = time.monotonic() - started
         store.ready.set()
         if store.counters is not None:
             store.counters.add("ready")
-        store.log("indexed %d blobs in %.3f s (%s)" % (
-            store.table.count, store.load_seconds, human_bytes(store.table.bytes)))
+        store.log("indexed %d blobs in %.3f s (%s; %s)" % (
+            store.blobs.count, store.load_seconds, human_bytes(store.blobs.bytes), source))
         try:
-            found = self.scan_blobs()
-            if found:
-                store.log("hashed %d blobs found without a record" % found)
-            self.merge_dead()
+            self.reconcile()
         except Exception:  # the index stands; only the cleanup is missed
             store.log("reconciling with the disk failed:\n" + traceback.format_exc())
         finally:
             _return_free_memory()
+            store.reconcile_seconds = time.monotonic() - started
             store.reconciled.set()
             if store.counters is not None:
                 store.counters.add("reconciled")
 
+    def use_snapshot(self):
+        """Map the newest sound snapshot into the index; returns what the
+        startup line says of it."""
+        problems = []
+        for path in (self.snapshot_path, self.previous_path):
+            try:
+                found = read_snapshot(path, self.store.blobs.aliases)
+            except (ValueError, OSError) as exc:
+                problems.append("%s: %s" % (os.path.basename(path), exc))
+                continue
+            if found is None:
+                continue
+            base, header, views = found
+            offsets, stale = {}, None
+            for name, offset in header["offsets"].items():
+                journal = os.path.join(self.store.index_dir, name)
+                try:
+                    size = os.path.getsize(journal)
+                except FileNotFoundError:
+                    continue  # folded: covered whole by this snapshot
+                if size < offset:
+                    stale = "%s is shorter than it covers" % name
+                    break
+                offsets[journal] = offset
+            if stale:
+                problems.append("%s: stale: %s" % (os.path.basename(path), stale))
+                continue
+            self.install(base, views, offsets)
+            if path == self.snapshot_path:
+                self.snapshot_id = _file_id(path)
+            note = "; ".join(problems + ["snapshot %s of %d blobs" % (
+                os.path.basename(path), len(base.keys))])
+            return note
+        return "; ".join(problems + ["no sound snapshot: journals read whole"])
+
+    def install(self, base, views, offsets):
+        """Startup: a mapped snapshot becomes the index and the memory."""
+        store = self.store
+        store.blobs.adopt(base)
+        store.blobs.count, store.blobs.bytes = base.count, base.bytes
+        extra = json.loads(bytes(views["extra"]).decode("utf-8"))
+        store.blobs.pins_until = {sha256: float(until)
+                                  for sha256, until in extra.get("pins_until", {}).items()}
+        store.expiries = {relpath: float(until)
+                          for relpath, until in extra.get("expiries", {}).items()}
+        for source, derived in extra.get("derived", {}).items():
+            store.set_derived(source, derived)
+        if "removed" in views:
+            store.removed.load(views["removed"])
+        self.offsets = offsets
+
+    # -- reading journals ------------------------------------------------------
+
     def refresh(self):
-        """Read what other processes (and dead ones) appended since last time."""
-        own = self.store.journal.path
+        """Read what the other journals (live and dead processes') gained
+        since the last call, in time order."""
+        store = self.store
+        own = store.journal.path
         with self.lock:
             events, ranges = [], []
-            for entry in os.scandir(self.store.index_dir):
+            for entry in os.scandir(store.index_dir):
                 if not entry.name.endswith(".log") or entry.path == own:
                     continue
                 start = self.offsets.get(entry.path, 0)
@@ -1838,7 +2172,7 @@ class JournalSet:
             unpinned = {}
             for kind, when, fields in events:
                 if kind == "U":
-                    key = Pins.key(fields[0])
+                    key = digest_key(fields[0])
                     unpinned[key] = max(when, unpinned.get(key, 0.0))
             if unpinned:
                 self._repin_later(ranges, unpinned)
@@ -1848,19 +2182,22 @@ class JournalSet:
         for a sort cost 300 bytes a blob of RSS); an unpin applied after
         them in time order is undone here when the same blob was pinned
         again later, by re-reading what was read for those keys alone."""
-        pins = self.store.pins
+        blobs = self.store.blobs
         for path, start, end in ranges:
-            with open(path, "rb") as handle:
-                handle.seek(start)
-                for raw in handle.read(end - start).split(b"\n"):
-                    if not raw.startswith(b"P\t"):
-                        continue
-                    parsed = parse_journal_line(raw.decode("utf-8", "replace") + "\n")
-                    if parsed is None or len(parsed[2]) < 2 or float(parsed[2][1]):
-                        continue
-                    key = Pins.key(parsed[2][0])
-                    if parsed[1] > unpinned.get(key, parsed[1]):
-                        pins.add(parsed[2][0])
+            try:
+                with open(path, "rb") as handle:
+                    handle.seek(start)
+                    data = handle.read(end - start)
+            except FileNotFoundError:
+                continue
+            for raw in data.split(b"\n"):
+                if not raw.startswith(b"P\t"):
+                    continue
+                parsed = parse_journal_line(raw.decode("utf-8", "replace") + "\n")
+                if parsed is None or not _forever(parsed[2]):
+                    continue
+                if parsed[1] > unpinned.get(digest_key(parsed[2][0]), parsed[1]):
+                    blobs.pin(parsed[2][0])
 
     def _read(self, path, events):
         offset = self.offsets.get(path, 0)
@@ -1868,10 +2205,10 @@ class JournalSet:
             with open(path, "r", encoding="utf-8", errors="surrogateescape", newline="\n") as handle:
                 handle.seek(offset)
                 for line in handle:
-                    parsed = parse_journal_line(line)
                     if not line.endswith("\n"):
                         break  # a line still being written: read it next time
                     offset += len(line.encode("utf-8", "surrogateescape"))
+                    parsed = parse_journal_line(line)
                     if parsed is None:
                         continue
                     if parsed[0] in "BT" or (parsed[0] == "P" and _forever(parsed[2])):
@@ -1884,164 +2221,247 @@ class JournalSet:
 
     def _apply(self, kind, when, fields):
         store = self.store
-        if kind == "B":
-            digests = dict(field.split("=", 1) for field in fields[1:] if "=" in field)
-            if "sha256" in digests and len(digests["sha256"]) == 64:
-                try:
-                    store.index.add(digests)
-                    store.table.add(digests["sha256"], int(fields[0]), when)
-                except ValueError:
-                    pass
-        elif kind == "T" and fields[0]:
-            try:
-                store.table.touch(int(fields[0][:16], 16), when, persist=False)
-            except ValueError:
-                pass
-        elif kind == "P":
-            until = float(fields[1]) if len(fields) > 1 else 0.0
-            store.pins.add(fields[0], until)
-        elif kind == "U":
-            store.pins.discard(fields[0])
-        elif kind == "D" and len(fields) >= 2:
-            store.set_derived(fields[0], fields[1])
-        elif kind == "E" and len(fields) >= 2:
-            store.expire_in_memory(fields[1], float(fields[0]))
-        elif kind == "R" and len(fields) >= 2 and len(fields[0]) == 64:
-            store.removed.add(fields[0], fields[1])
-            size = int(fields[2]) if len(fields) > 2 and fields[2].isdigit() else 0
-            store.table.remove(fields[0], size, when)
-        elif kind == "K" and len(fields[0]) == 64:
-            store.table.keep(fields[0])
-
-    def scan_blobs(self):
-        """Hash blobs that have no record (copied in, or a lost journal)."""
-        found = 0
-        recorded = self.store.index.recorded_keys()
-        blob_root = os.path.join(self.store.root, "blob")
-        for level1 in _scandirs(blob_root):
-            for level2 in _scandirs(level1.path):
-                for entry in os.scandir(level2.path):
-                    if len(entry.name) != 64 or not entry.is_file(follow_symlinks=False):
-                        continue
-                    try:
-                        raw = bytes.fromhex(entry.name)
-                    except ValueError:
-                        continue
-                    key = int.from_bytes(raw[:8], "big")  # as recorded: int(hex[:16], 16)
-                    spot = bisect.bisect_left(recorded, key)
-                    if spot < len(recorded) and recorded[spot] == key:
-                        continue
-                    if self._adopt(entry.path, entry.name):
-                        found += 1
-        return found
-
-    def _adopt(self, path, name):
-        store = self.store
-        digester = Digester(store.algorithms)
+        blobs = store.blobs
         try:
-            with open(path, "rb") as handle:
-                for data in iter(lambda: handle.read(CHUNK_SIZE), b""):
-                    digester.update(data)
-        except OSError:
-            digester.close()
-            return False
-        digests = digester.hexdigests()
-        if digests["sha256"] != name:
-            store.log("blob %s holds content with sha256 %s: left alone, run --verify"
-                      % (name, digests["sha256"]))
-            return False
-        store.journal.blob(digester.size, digests)
-        store.index.add(digests)
-        store.pin(name)  # put there by hand: kept until deleted by checksum
-        return True
+            if kind == "B":
+                digests = dict(field.split("=", 1) for field in fields[1:] if "=" in field)
+                if len(digests.get("sha256", "")) == 64:
+                    blobs.add(digests, int(fields[0]), when)
+            elif kind == "T" and fields[0]:
+                blobs.touch(digest_key(fields[0]), when, persist=False)
+            elif kind == "P":
+                blobs.pin(fields[0], float(fields[1]) if len(fields) > 1 else 0.0)
+            elif kind == "U":
+                blobs.unpin(fields[0])
+            elif kind == "D" and len(fields) >= 2:
+                store.set_derived(fields[0], fields[1])
+            elif kind == "E" and len(fields) >= 2:
+                store.expire_in_memory(fields[1], float(fields[0]))
+            elif kind == "R" and len(fields) >= 2 and len(fields[0]) == 64:
+                store.removed.add(fields[0], fields[1], when)
+                size = int(fields[2]) if len(fields) > 2 and fields[2].isdigit() else 0
+                blobs.remove(fields[0], size, when)
+            elif kind == "K" and len(fields[0]) == 64:
+                blobs.keep(fields[0])
+        except ValueError:
+            pass  # a damaged field: the line is skipped
 
-    def merge_dead(self):
-        """Fold the journals of dead processes into ours, then remove them.
+    # -- reconciling -------------------------------------------------------------
 
-        Keeps the records of blobs still on disk and the pins, expiries and
-        derivations in force, so journals do not grow with every restart;
-        streamed in batches, so memory stays flat however many blobs there
-        are.  A blob such a journal recorded that has no name, pin or source
-        (st_nlink 1: a live upload always holds a second link, its staged
-        file, until it is named) was left by a process killed mid-upload,
-        and is reclaimed.
-        """
+    def reconcile(self):
+        """After startup: what dead processes left in staging, blobs
+        without a record, then a snapshot and the compaction."""
         store = self.store
-        dead = [entry.path for entry in os.scandir(store.index_dir)
-                if entry.name.endswith(".log") and entry.path != store.journal.path
-                and not Journal.owner_alive(entry.path)]
-        if not dead:
-            return
-        self.refresh()  # everything in them is applied
-        seen, orphans, batch = set(), [], []
-        try:
-            for path in dead:
-                with open(path, "r", encoding="utf-8", errors="surrogateescape") as handle:
-                    for line in handle:
-                        batch += self._kept_lines(line, seen, orphans)
-                        if len(batch) >= MERGE_BATCH:
-                            self._append(batch)
-            for line in store.pins.records():
-                batch.append(line)
-                if len(batch) >= MERGE_BATCH:
-                    self._append(batch)
-            batch += [Journal.line("E", "%.3f" % until, relpath)
-                      for relpath, until in list(store.expiries.items())]
-            batch += [Journal.line("D", source, derived)
-                      for source, derived in list(store.derived.items())]
-            self._append(batch)
-            os.fsync(store.journal.fd)
-        except OSError as exc:
-            store.log("could not merge dead journals: %s" % exc)
-            return
-        for path in dead:
-            _unlink_quietly(path)
-            self.offsets.pop(path, None)
-        reclaimed = sum(store.release(sha256, "reclaimed") for sha256 in orphans)
+        reclaimed = store.clear_dead_staging()
         if reclaimed:
             store.log("reclaimed %d blobs left without a name by a process that died "
                       "mid-upload" % reclaimed)
+        found = self.scan_blobs()
+        if found:
+            store.log("hashed %d blobs found without a record" % found)
+        self.compact_journals()
 
-    def _kept_lines(self, line, seen, orphans):
-        """What a dead journal's line leaves in ours: a B line whose blob is
-        still on disk (with a T line when it was used since, a K line when
-        it is kept); an R line younger than GONE_REASONS_DAYS whose blob is
-        still gone; nothing else (pins, expiries and derivations are written
-        from memory)."""
+    def scan_blobs(self):
+        """Hash and keep the blobs no journal records (copied in by hand,
+        or recorded only in a journal that was lost).
+
+        Lists the ``blob/ab/cd`` directories (names only: a stat per blob
+        costs far more than a listing on a distributed filesystem) and
+        yields to the request threads after each one."""
+        found = 0
+        blobs = self.store.blobs
+        for level1 in _scandirs(os.path.join(self.store.root, "blob")):
+            for level2 in _scandirs(level1.path):
+                try:
+                    names = os.listdir(level2.path)
+                except FileNotFoundError:
+                    continue
+                for name in names:
+                    if len(name) != 64 or not _HEX.match(name) or \
+                            blobs.stored(digest_key(name)):
+                        continue
+                    path = os.path.join(level2.path, name)
+                    if self._adopt(path, name):
+                        found += 1
+                time.sleep(0)  # let requests run between directories
+        return found
+
+    def _adopt(self, path, name):
+        """Record a blob found on disk; pin it when no name holds it."""
         store = self.store
-        parsed = parse_journal_line(line)
-        if parsed is not None and parsed[0] == "R":
-            sha256 = parsed[2][0]
-            recent = parsed[1] > utc_now() - GONE_REASONS_DAYS * 86400
-            if recent and len(sha256) == 64 and not os.path.exists(store.blob_path(sha256)):
-                return [line]
-            return []
-        if parsed is None or parsed[0] != "B":
-            return []
-        sha256 = _field_digest(parsed[2], "sha256")
-        key = sha256 and int(sha256[:16], 16)
-        if not key or key in seen:
-            return []
-        seen.add(key)
         try:
-            st = os.stat(store.blob_path(sha256))
-        except OSError:
-            return []  # deleted since
-        if st.st_nlink == 1 and sha256 not in store.pins:
-            orphans.append(sha256)  # release() checks again, and sources
-        kept = [line]
-        used = store.table.last_use(sha256)
-        if used and used > parsed[1] + 1:
-            kept.append("T\t%.3f\t%s\n" % (used, sha256[:16]))
-        if store.table.is_kept(sha256):
-            kept.append(Journal.line("K", sha256))
-        return kept
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return False
+        if not stat.S_ISREG(st.st_mode):
+            return False
+        digests, _ = read_blob_xattr(path)
+        if not all(algorithm in digests for algorithm in store.algorithms):
+            digester = Digester(store.algorithms)
+            try:
+                with open(path, "rb") as handle:
+                    for data in iter(lambda: handle.read(CHUNK_SIZE), b""):
+                        digester.update(data)
+            except OSError:
+                digester.close()
+                return False
+            digests = digester.hexdigests()
+        if digests.get("sha256") != name:
+            store.log("blob %s holds content with sha256 %s: left alone, run --verify"
+                      % (name, digests.get("sha256")))
+            return False
+        digests = {algorithm: digests[algorithm] for algorithm in store.algorithms}
+        store.journal.blob(st.st_size, digests)
+        store.blobs.add(digests, st.st_size, utc_now())
+        if st.st_nlink == 1:
+            store.pin(name)  # put there by hand: kept until deleted by checksum
+        return True
 
-    def _append(self, lines):
-        journal = self.store.journal
-        with journal.lock:
-            os.write(journal.fd, "".join(lines).encode("utf-8", "surrogateescape"))
-        del lines[:]
+    # -- snapshots and compaction --------------------------------------------------
+
+    def maintain(self):
+        """Map a newer snapshot; write one when it is due."""
+        store = self.store
+        with self.lock:
+            self.follow_snapshot()
+        due = self.wanted.is_set() or (
+            store.blobs.delta and time.monotonic() - self.written > store.config.snapshot_interval)
+        if due:
+            self.wanted.clear()
+            self.write_snapshot()
+
+    def close(self):
+        """At a clean shutdown: a snapshot of everything, when anything changed."""
+        if self.store.blobs.delta and self.store.reconciled.is_set():
+            self.write_snapshot(final=True)
+
+    def follow_snapshot(self):
+        """Another process wrote a newer snapshot: map it (the delta keeps
+        what it does not say yet)."""
+        try:
+            current = _file_id(self.snapshot_path)
+        except FileNotFoundError:
+            return False
+        if current == self.snapshot_id:
+            return False
+        try:
+            found = read_snapshot(self.snapshot_path, self.store.blobs.aliases)
+        except (ValueError, OSError) as exc:
+            self.store.log("a new index snapshot was not used: %s" % exc)
+            self.snapshot_id = current
+            return False
+        if found is None:
+            return False
+        self.store.blobs.adopt(found[0])
+        self.snapshot_id = current
+        return True
+
+    def compact_journals(self):
+        """Fold what the dead processes' journals hold into a snapshot
+        (written only when something changed since the last one), then
+        delete the journals it and the one before it cover whole."""
+        if self.store.blobs.delta or self.snapshot_id is None or \
+                any(not self._covered(path, self.snapshot_path) for path in self._dead()):
+            self.write_snapshot()
+        else:
+            self._fold_dead()
+
+    def write_snapshot(self, final=False):
+        """Write a snapshot of everything this process knows (one process
+        at a time: the fcntl lock on index/snapshot.lock; skipped when
+        another holds it), map it, and fold the dead journals it covers.
+        It covers this process's journal but for its last SNAPSHOT_MARGIN
+        seconds, or whole when ``final`` (no request is running)."""
+        store = self.store
+        if not self.writing.acquire(blocking=final):
+            return False
+        lock = os.open(os.path.join(store.index_dir, "snapshot.lock"),
+                       os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return False
+            started = time.monotonic()
+            with self.lock:
+                self.refresh()
+                own = store.journal.size if final else \
+                    store.journal.covered(utc_now() - SNAPSHOT_MARGIN)
+                base, delta, alias_delta, count, size = store.blobs.copy_state()
+                pins_until = dict(store.blobs.pins_until)
+                derived = dict(store.derived)
+                for (kind, key), before in list(store.pending.items()):
+                    if kind == "P":  # a pin not committed yet: as it was
+                        entry = delta.get(digest_key(key)) or store.blobs.entry(digest_key(key))
+                        if entry is not None:
+                            flags = entry[1] | BlobIndex.PINNED if before[0] \
+                                else entry[1] & ~BlobIndex.PINNED
+                            delta[digest_key(key)] = [entry[0], flags]
+                        if before[1] is None:
+                            pins_until.pop(key, None)
+                        else:
+                            pins_until[key] = before[1]
+                    elif before is None:
+                        derived.pop(key, None)
+                    else:
+                        derived[key] = before
+                extra = {"pins_until": pins_until, "expiries": dict(store.expiries),
+                         "derived": derived}
+                offsets = {os.path.basename(path): offset
+                           for path, offset in self.offsets.items()}
+                offsets[os.path.basename(store.journal.path)] = own
+            merged = merge_index(base, delta, alias_delta, count, size, drop_gone=True)
+            removed = store.removed.dump(int(utc_now() // 86400) - GONE_REASONS_DAYS)
+            try:
+                if os.path.exists(self.snapshot_path):  # the one before stays
+                    replace_atomically(self.previous_path,
+                                       lambda path: os.link(self.snapshot_path, path))
+                write_snapshot(self.snapshot_path, merged, offsets, extra,
+                               [("removed", removed)])
+            except OSError as exc:
+                store.log("could not write the index snapshot: %s" % exc)
+                return False
+            finally:
+                self.written = time.monotonic()
+            with self.lock:
+                self.follow_snapshot()
+            folded = self._fold_dead()
+            store.log("wrote the index snapshot: %d blobs, %s in %.2f s%s" % (
+                len(merged.keys), human_bytes(os.path.getsize(self.snapshot_path)),
+                time.monotonic() - started,
+                "; %d journals of stopped processes folded" % folded if folded else ""))
+            return True
+        finally:
+            os.close(lock)
+            self.writing.release()
+
+    def _dead(self):
+        own = self.store.journal.path
+        return [entry.path for entry in os.scandir(self.store.index_dir)
+                if entry.name.endswith(".log") and entry.path != own
+                and not Journal.owner_alive(entry.path)]
+
+    @staticmethod
+    def _covered(journal, snapshot):
+        """True when ``snapshot``'s header says it covers ``journal`` whole."""
+        try:
+            with open(snapshot, "rb") as handle:
+                lines = handle.read(SNAPSHOT_HEADER).split(b"\n")
+            offset = json.loads(lines[1])["offsets"].get(os.path.basename(journal), -1)
+            return os.path.getsize(journal) <= offset
+        except (OSError, ValueError, KeyError, IndexError, AttributeError):
+            return False
+
+    def _fold_dead(self):
+        """Delete the dead processes' journals that both snapshots cover whole."""
+        folded = 0
+        for path in self._dead():
+            if self._covered(path, self.snapshot_path) and \
+                    self._covered(path, self.previous_path):
+                _unlink_quietly(path)
+                self.offsets.pop(path, None)
+                folded += 1
+        return folded
 
 
 class Transaction:
@@ -2141,11 +2561,11 @@ class Store:
         self.journal = Journal(self.index_dir, self.process_id)
         self.staging_dir = os.path.join(self.root, "staging", self.process_id)
         makedirs(self.staging_dir)
-        self.index = ChecksumIndex(self.algorithms)
-        self.pins = Pins()
+        self.blobs = BlobIndex(self.algorithms)  # digests, pins, uses, totals
+        self.pending = {}     # ("P", sha256) / ("D", source) -> state before an
+                              # uncommitted change (snapshots leave it out)
         self.expiries = {}    # relpath -> retain_until, names that expire
         self.removed = RemovedBlobs()  # why blobs went: for the uploads log
-        self.table = BlobTable()       # last use, keep marks, totals: eviction
         self.in_use = collections.Counter()  # sha256 of blobs uploads are naming
         self.in_flight = 0             # bytes staged by uploads not yet published
         self.space_lock = threading.Lock()
@@ -2159,9 +2579,9 @@ class Store:
         self.ready = threading.Event()       # lookups may trust the index
         self.reconciled = threading.Event()  # blob tree scanned, journals merged
         self.journals = JournalSet(self)
-        self.load_seconds = None
+        self.blobs.on_grow = self.journals.wanted.set
+        self.load_seconds = self.reconcile_seconds = None
         self._name_digests = {}  # (dev, ino, mtime_ns) -> sha256, no xattrs
-        self.clear_dead_staging()
 
     # -- paths ---------------------------------------------------------------
 
@@ -2182,14 +2602,51 @@ class Store:
         return os.path.join(self.root, *relpath.split("/"))
 
     def clear_dead_staging(self):
-        """Remove staging left by processes that are gone (never a live one's)."""
+        """Remove the staging directories of processes that are gone (never
+        a live one's); returns how many blobs that reclaimed.
+
+        A process killed mid-upload may have published a blob it had not
+        named or pinned yet: its staged file is then the blob's only other
+        link.  Each staged file's blob (from its xattr, else its content)
+        is released once the staged file is gone, which removes it when
+        nothing else holds it.  A blob caught being removed (``grave-``,
+        moved aside) goes back when names still hold it."""
         parent = os.path.dirname(self.staging_dir)
+        reclaimed = 0
         for entry in os.scandir(parent):
             if entry.name == self.process_id:
                 continue
             journal = os.path.join(self.index_dir, entry.name + ".log")
-            if not Journal.owner_alive(journal):
-                shutil.rmtree(entry.path, ignore_errors=True)
+            if Journal.owner_alive(journal):
+                continue
+            for directory, _, files in os.walk(entry.path, topdown=False):
+                for name in files:
+                    reclaimed += self._clear_staged(os.path.join(directory, name), name)
+            shutil.rmtree(entry.path, ignore_errors=True)
+        return reclaimed
+
+    def _clear_staged(self, path, name):
+        try:
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink < 2:
+                _unlink_quietly(path)
+                return 0  # never published: just a partial file
+            sha256 = read_blob_xattr(path)[0].get("sha256")
+            if sha256 is None:
+                digest = hashlib.sha256()
+                with open(path, "rb") as handle:
+                    for data in iter(lambda: handle.read(CHUNK_SIZE), b""):
+                        digest.update(data)
+                sha256 = digest.hexdigest()
+            if name.startswith("grave-") and st.st_nlink > 1:
+                try:
+                    os.link(path, self.blob_path(sha256))  # names hold it: back
+                except FileExistsError:
+                    pass
+            os.unlink(path)
+        except OSError:
+            return 0
+        return int(self.release(sha256, "reclaimed"))
 
     def refresh_journals(self):
         self.journals.refresh()
@@ -2211,8 +2668,7 @@ class Store:
             return None
         hexdigest = hexdigest.lower()
         for attempt in range(2):
-            found = self.index.get(algorithm, hexdigest)
-            sha256 = found and self.find_blob(found)
+            sha256 = self.confirm(algorithm, hexdigest)
             if sha256:
                 return sha256  # while the index loads too: the disk said yes
             if attempt == 0:
@@ -2223,6 +2679,29 @@ class Store:
                 else:
                     break
         return None
+
+    def confirm(self, algorithm, hexdigest):
+        """The sha256 of the stored blob with this digest, asking the index
+        which blobs it may be and the disk whether it is (for a digest
+        other than sha256: the digests the blob was stored with)."""
+        if algorithm == "sha256":
+            return hexdigest if os.path.exists(self.blob_path(hexdigest)) else None
+        for prefix in self.blobs.candidates(algorithm, hexdigest):
+            for sha256 in self.blob_names(prefix):
+                try:
+                    if self.digests_of(self.blob_path(sha256)).get(algorithm) == hexdigest:
+                        return sha256
+                except OSError:
+                    continue  # removed meanwhile
+        return None
+
+    def blob_names(self, prefix):
+        """The sha256 of every blob whose sha256 starts with ``prefix``."""
+        try:
+            names = os.listdir(os.path.join(self.root, "blob", prefix[:2], prefix[2:4]))
+        except FileNotFoundError:
+            return []
+        return [name for name in names if name.startswith(prefix) and len(name) == 64]
 
     def find_blob(self, prefix):
         """Full sha256 of the blob whose sha256 starts with ``prefix``, on disk."""
@@ -2457,8 +2936,7 @@ class Store:
                 pass
             except OSError as exc:
                 raise_storage_error(exc)
-        self.index.add(digests)
-        self.table.add(sha256, staged.size, utc_now())  # or: used, when it was stored
+        self.blobs.add(digests, staged.size, utc_now())  # or: used, when it was stored
         staged.uncharge()
         return BlobInfo(sha256, staged.size, digests, new, self.blob_relpath(sha256))
 
@@ -2485,18 +2963,32 @@ class Store:
         os.link(self.blob_path(info.sha256), dest)
 
     def pin(self, sha256, retain_until=0.0, txn=None):
-        """Keep a blob without a name (uploads to /upload, adopted blobs)."""
-        before = self.pins.state(sha256)
-        if not self.pins.add(sha256, retain_until):
+        """Keep a blob without a name (uploads to /upload, adopted blobs).
+
+        The pin holds in memory at once (a concurrent delete must see it);
+        with ``txn`` it is journaled at the commit point, and until then a
+        snapshot leaves it out (``pending``)."""
+        before = self.blobs.pin_state(sha256)
+        if txn is not None:
+            self._pending(txn, ("P", sha256), before)
+        if not self.blobs.pin(sha256, retain_until):
             return
         if txn is None:
             self.journal.write("P", sha256, "%.3f" % retain_until)
         else:
-            txn.on_undo(self.pins.restore, sha256, before)
+            txn.on_undo(self.blobs.pin_restore, sha256, before)
             txn.record("P", sha256, "%.3f" % retain_until)
 
+    def _pending(self, txn, change, before):
+        """Note the state before an uncommitted change, until it ends."""
+        if change in self.pending:
+            return
+        self.pending[change] = before
+        txn.on_commit(self.pending.pop, change, None)
+        txn.on_undo(self.pending.pop, change, None)
+
     def unpin(self, sha256):
-        if self.pins.discard(sha256):
+        if self.blobs.unpin(sha256):
             self.journal.write("U", sha256)
 
     def add_derived(self, source, derived, txn):
@@ -2504,6 +2996,7 @@ class Store:
         previous = self.derived.get(source)
         if previous == derived:
             return
+        self._pending(txn, ("D", source), previous)
         self.set_derived(source, derived)
         txn.on_undo(self._undo_derived, source, derived, previous)
         txn.record("D", source, derived)
@@ -2639,18 +3132,18 @@ class Store:
     def touch(self, sha256):
         """Blob ``sha256`` was used (looked up, downloaded, uploaded again):
         the last to be evicted.  No disk write (see flush_uses)."""
-        self.table.touch(BlobTable.key(sha256), utc_now())
+        self.blobs.touch(digest_key(sha256), utc_now())
 
     def keep(self, sha256, txn):
         """Never evict blob ``sha256`` (an upload with X-Bucket-Keep)."""
-        if not self.table.is_kept(sha256):
-            self.table.keep(sha256)
+        if not self.blobs.is_kept(sha256):
+            self.blobs.keep(sha256)
             txn.record("K", sha256)
 
     def flush_uses(self):
         """Journal the uses since the last call, one T line per blob used
         (a restart keeps the eviction order; HEADs cost no disk write)."""
-        dirty = self.table.take_dirty()
+        dirty = self.blobs.take_dirty()
         if dirty:
             self.journal.write_lines(["T\t%.3f\t%016x\n" % (when, key)
                                       for key, when in dirty.items()])
@@ -2668,7 +3161,7 @@ class Store:
     def used_bytes(self):
         """What counts against max-size: blobs, uploads in flight here, and
         partial (resumable) uploads."""
-        return self.table.bytes + self.in_flight + self.partial[1]
+        return self.blobs.bytes + self.in_flight + self.partial[1]
 
     def hard_limit(self):
         return int(self.config.max_size * HARD_LIMIT_RATIO)
@@ -2769,7 +3262,7 @@ class Store:
         and put back if a link appeared.  Returns True when it was removed.
         """
         for attempt in range(2):
-            if sha256 in self.pins or sha256 in self.sources:
+            if self.blobs.pinned(sha256) or sha256 in self.sources:
                 return False
             if attempt == 0:
                 self.refresh_journals()  # another process may have pinned it
@@ -2794,12 +3287,11 @@ class Store:
             return False
         os.unlink(grave)
         self.removed.add(sha256, reason)
-        self.table.remove(sha256, st.st_size, utc_now())
+        self.blobs.remove(sha256, st.st_size, utc_now())
         try:
             self.journal.write("R", sha256, reason, st.st_size)
         except InsufficientStorage:
             pass  # the blob is gone; a B record without R is only stale
-        self.index.forget()
         self._remove_derived(sha256, reason)
         return True
 
@@ -3638,7 +4130,7 @@ class Sweeper(threading.Thread):
                 store.remove_name(path, "expired")
             store.set_expiry(relpath, 0)
             expired += 1
-        for sha256, until in list(store.pins.until.items()):
+        for sha256, until in list(store.blobs.pins_until.items()):
             if until <= now:
                 store.unpin(sha256)
                 store.release(sha256, "expired")
@@ -3673,7 +4165,8 @@ class Evictor(threading.Thread):
     meanwhile (Store._remove_blob re-checks the link count), with its
     derived blob and tree.  Uploads-log records of evicted content say
     ``"gone": "evicted"`` (R records).  Also journals the uses (T lines)
-    every USE_FLUSH_SECONDS.
+    every USE_FLUSH_SECONDS, and keeps the index snapshot current
+    (JournalSet.maintain).
     """
 
     def __init__(self, store):
@@ -3699,6 +4192,8 @@ class Evictor(threading.Thread):
                 if time.monotonic() - flushed > USE_FLUSH_SECONDS:
                     self.store.flush_uses()
                     flushed = time.monotonic()
+                if self.store.reconciled.is_set():
+                    self.store.journals.maintain()
                 if self.excess(0) > 0:
                     self.evict(0)
             except Exception:  # never let the evictor die silently
@@ -3755,12 +4250,12 @@ class Evictor(threading.Thread):
         """[(last use, sha256, size, link count, inode)] of the blobs to
         evict, least recently used first, adding up to ``excess`` bytes."""
         store = self.store
-        skip = {BlobTable.key(sha256) for sha256 in list(store.in_use)}
-        average = store.table.bytes // max(store.table.count, 1) or 1
+        skip = {digest_key(sha256) for sha256 in list(store.in_use)}
+        average = store.blobs.bytes // max(store.blobs.count, 1) or 1
         chosen, total = [], 0
         while total < excess:
             wanted = min(EVICT_BATCH_MAX, max(EVICT_BATCH, 2 * (excess - total) // average))
-            candidates = store.table.oldest(wanted, skip)
+            candidates = store.blobs.oldest(wanted, skip)
             if not candidates:
                 break
             for used, key in candidates:
@@ -3786,7 +4281,7 @@ class Evictor(threading.Thread):
             return 0
         inodes = {ino: sha256 for _, sha256, _, links, ino in victims if links > 1}
         names = store.names_by_inode(inodes) if inodes else {}
-        before = (store.table.bytes, store.table.count)
+        before = (store.blobs.bytes, store.blobs.count)
         for used, sha256, size, _, ino in victims:
             for path in names.get(ino, ()):
                 tree = store.tree_of(path)
@@ -3799,7 +4294,7 @@ class Evictor(threading.Thread):
         if inodes:
             store.remove_dangling_links()
         # What went: the victims, and what went with them (trees, derived).
-        freed, count = before[0] - store.table.bytes, before[1] - store.table.count
+        freed, count = before[0] - store.blobs.bytes, before[1] - store.blobs.count
         if store.counters is not None:
             store.counters.add("evictions", count)
             store.counters.add("evicted_bytes", freed)
@@ -6271,7 +6766,7 @@ class Handler(BaseHTTPRequestHandler):
         return {"status": "degraded" if free < floor else "ok",
                 "index_ready": store.ready.is_set() and counters.all_set("ready"),
                 "reconciled": store.reconciled.is_set() and counters.all_set("reconciled"),
-                "blobs": store.table.count, "stored_bytes": store.table.bytes,
+                "blobs": store.blobs.count, "stored_bytes": store.blobs.bytes,
                 "max_size": store.config.max_size, "free_bytes": free, "min_free_bytes": floor}
 
     def route_get_metrics(self):
@@ -6298,14 +6793,14 @@ class Handler(BaseHTTPRequestHandler):
                 raise NotFound("no stored content has checksum %s" % sha256)  # just deleted
             headers = {"Content-Length": "0", "ETag": '"%s"' % sha256,
                        "X-Blob-Size": str(size), "X-Checksum-Sha256": sha256}
-            expires = self.server.store.pins.until.get(sha256)
+            expires = self.server.store.blobs.pins_until.get(sha256)
             if expires:
                 headers["X-Bucket-Expires"] = http_date(expires)
             self.send(200, b"", "application/octet-stream", headers)
             return
         store = self.server.store
         name = self.query.get("name") or store.blob_name(sha256) or sha256
-        self.send_file(path, sha256, name, store.pins.until.get(sha256))
+        self.send_file(path, sha256, name, store.blobs.pins_until.get(sha256))
 
     def route_post_checksum(self):
         """The batch lookup: {"digests": [hex, ...]} -> which are stored."""
@@ -6399,7 +6894,9 @@ class Handler(BaseHTTPRequestHandler):
                              "or 128 (sha512) hex digits")
         if algorithm == "sha256":
             return text
-        return self.server.store.index.get(algorithm, text) or "-"
+        store = self.server.store
+        found = store.lookup(text, refresh=False) or store.blobs.candidates(algorithm, text)
+        return found if isinstance(found, str) else found[0] if len(found) == 1 else "-"
 
     def route_delete_checksum(self):
         sha256 = self.blob_for_digest()
@@ -7346,13 +7843,13 @@ class BucketServer(ThreadingHTTPServer):
                   "# TYPE http_bucket_workers gauge",
                   "http_bucket_workers %d" % counters.slots,
                   "# TYPE http_bucket_blobs gauge",
-                  "http_bucket_blobs %d" % self.store.table.count,
+                  "http_bucket_blobs %d" % self.store.blobs.count,
                   "# TYPE http_bucket_index_ready gauge",
                   "http_bucket_index_ready %d" % self.store.ready.is_set()]
         store = self.store
         free, floor = store.space()
         for name, kind, value, text in (
-                ("stored_bytes", "gauge", store.table.bytes, "bytes of all blobs"),
+                ("stored_bytes", "gauge", store.blobs.bytes, "bytes of all blobs"),
                 ("max_size_bytes", "gauge", store.config.max_size,
                  "BUCKET_MAX_SIZE (0: no cap)"),
                 ("free_bytes", "gauge", free, "free bytes of ARCHIVE_DIR's filesystem"),
@@ -7589,6 +8086,10 @@ def serve(config, ssl_context, log, listener=None, counters=None, parent=None):
             store.flush_uses()  # the eviction order survives the restart
         except BucketError as exc:
             log("could not journal the last uses: %s" % exc.message)
+        try:
+            store.journals.close()  # the next start maps it
+        except Exception:
+            log("could not write the index snapshot:\n" + traceback.format_exc())
         store.journal.close()
         log("stopped")
     return 0

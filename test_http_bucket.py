@@ -522,7 +522,7 @@ class BodyReaderTest(unittest.TestCase):
 
 
 # ===========================================================================
-# Unit tests: Store and ChecksumIndex
+# Unit tests: Store and BlobIndex
 # ===========================================================================
 
 
@@ -590,7 +590,7 @@ class StoreTest(unittest.TestCase):
         reloaded = self.make_store()
         for algorithm in ("md5", "sha256", "sha512"):
             self.assertEqual(reloaded.lookup(expected[algorithm]), sha256, algorithm)
-        self.assertEqual(len(reloaded.index), 1)
+        self.assertEqual(len(reloaded.blobs), 1)
 
     def test_pins_across_journals_follow_time_order(self):
         """A pin kept forever is applied as it is read; an unpin from another
@@ -604,28 +604,25 @@ class StoreTest(unittest.TestCase):
         with open(os.path.join(index, "dead-b.log"), "w") as handle:
             handle.write("U\t200.000\t%s\nU\t200.000\t%s\n" % (again, gone))
         store.refresh_journals()
-        self.assertIn(again, store.pins)
-        self.assertNotIn(gone, store.pins)
+        self.assertTrue(store.blobs.pinned(again))
+        self.assertFalse(store.blobs.pinned(gone))
 
-    def test_checksum_index(self):
-        """add/get/len: a digest maps to its blob's sha256 (or a prefix of it
-        of at least 16 bytes, which the blob directory completes)."""
-        index = http_bucket.ChecksumIndex(("md5", "sha256", "sha512"))
+    def test_blob_index(self):
+        """add/candidates/len: a digest leads to its blob's sha256 prefix (the
+        blob directory completes it); a second record does not count twice."""
+        index = http_bucket.BlobIndex(("md5", "sha256", "sha512"))
         first, second = digests_of(b"first"), digests_of(b"second")
-        index.add({k: first[k] for k in ("md5", "sha256", "sha512")})
-        index.add({k: second[k] for k in ("md5", "sha256", "sha512")})
-        index.add({k: second[k] for k in ("md5", "sha256", "sha512")})  # again: no growth
+        for digests in (first, second, second):
+            index.add({k: digests[k] for k in ("md5", "sha256", "sha512")}, 5, 100.0)
         self.assertEqual(len(index), 2)
+        self.assertEqual(index.bytes, 10)
         for digests in (first, second):
-            full = digests["sha256"]
-            for algorithm in ("md5", "sha256", "sha512"):
-                found = index.get(algorithm, digests[algorithm])
-                self.assertIsNotNone(found, algorithm)
-                self.assertGreaterEqual(len(found), 32, algorithm)  # >= 16 bytes, in hex
-                self.assertTrue(full.startswith(found), algorithm)
-        self.assertIsNone(index.get("sha1", first["sha1"]))
-        self.assertIsNone(index.get("md5", "0" * 32))
-        self.assertIsNone(index.get("sha512", "0" * 128))
+            for algorithm in ("md5", "sha512"):
+                self.assertEqual(index.candidates(algorithm, digests[algorithm]),
+                                 [digests["sha256"][:16]], algorithm)
+            self.assertTrue(index.stored(http_bucket.digest_key(digests["sha256"])))
+        self.assertEqual(index.candidates("sha1", first["sha1"]), [])
+        self.assertEqual(index.candidates("md5", "0" * 32), [])
 
 
 # ===========================================================================

@@ -332,13 +332,13 @@ class TransactionFaultTest(unittest.TestCase):
             kinds = [line.split("\t")[0] for line in lines if digest in line]
             # A blob published and taken back is B ... R, nothing else.
             self.assertIn(kinds, ([], ["B", "R"]), (digest, kinds))
-            self.assertNotIn(digest, self.store.pins)
+            self.assertFalse(self.store.blobs.pinned(digest))
             self.assertNotIn(digest, self.store.sources)
         self.assertEqual([relpath for relpath in self.store.expiries if "fault" in relpath], [])
         fresh = self.replayed()
         for data in failed_contents:
             self.assertIsNone(fresh.lookup(sha256(data)))
-            self.assertNotIn(sha256(data), fresh.pins)
+            self.assertFalse(fresh.blobs.pinned(sha256(data)))
         self.assertEqual([relpath for relpath in fresh.expiries if "fault" in relpath], [])
 
     def check_fault(self, files, owner, method, after_calls, dest_dir=None,
