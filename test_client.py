@@ -442,6 +442,55 @@ class PullTest(ClientCase):
             self.assertEqual(proxy.connections, 0)
 
 
+@unittest.skipUnless(shutil.which("openssl"), "the openssl command is not installed")
+class TLSTest(unittest.TestCase):
+    """HTTPS: the server's certificate checked (--cacert), also through a
+    CONNECT proxy, and a large file resumed over TLS."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.directory = tempfile.mkdtemp(prefix="http_bucket-client-tls-")
+        cls.cert = os.path.join(cls.directory, "cert.pem")
+        key = os.path.join(cls.directory, "key.pem")
+        made = subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+             "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj", "/CN=localhost",
+             "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+             "-keyout", key, "-out", cls.cert],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
+        if made.returncode != 0:
+            shutil.rmtree(cls.directory, True)
+            raise unittest.SkipTest("openssl could not make a certificate: %s"
+                                    % made.stdout.decode(errors="replace")[-300:])
+        cls.server = ServerProcess(os.path.join(cls.directory, "store"),
+                                   ("--fsync", "false", "--certfile", cls.cert, "--keyfile", key)
+                                   ).start()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.stop()
+        shutil.rmtree(cls.directory, True)
+
+    def test_push_and_pull_over_https(self):
+        work = tempfile.mkdtemp(prefix="tls-", dir=self.directory)
+        data = os.urandom(3 * MIB)
+        path = os.path.join(work, "t.bin")
+        write(path, data)
+        url = self.server.url("files/tls/")
+        refused = client("push", path, "--to", url, json_report=False)
+        self.assertEqual(refused.returncode, 1, refused)
+        self.assertRegex(refused.stderr, r"^http_bucket push: error: TLS: .*--cacert")
+        run = client("push", path, "--to", url, "--cacert", self.cert, "--resumable-from", "1mb")
+        self.assertEqual((run.returncode, run.report["sent"]), (0, 1), run)
+        with TcpRelay(self.server.port) as proxy:
+            target = "https://localhost:%d/files/tls/" % self.server.port
+            pulled = client("pull", target, os.path.join(work, "out"), "--cacert", self.cert,
+                            env={"HTTPS_PROXY": proxy.url()})
+            self.assertEqual((pulled.returncode, pulled.report["fetched"]), (0, 1), pulled)
+            self.assertGreater(proxy.tunnels, 0, "HTTPS_PROXY was used (CONNECT)")
+        self.assertEqual(local_files(os.path.join(work, "out")), {"t.bin": data})
+
+
 class EvilListing(http.server.BaseHTTPRequestHandler):
     """A server whose listing names paths out of the folder, and a link out."""
 
