@@ -6202,7 +6202,7 @@ class Handler(BaseHTTPRequestHandler):
 # known; it costs one round trip per large file.
 #
 # The path of a push: collect_sources walks the arguments into PushItems,
-# hash_items hashes them in threads, skipped_items lists the target folders
+# hash_items hashes them in threads, skip_unchanged lists the target folders
 # (a name already holding the content is skipped), missing_digests asks the
 # batch lookup once per 10,000 digests, and push_item deploys present
 # content (no body) or uploads the rest, retried by RetryPolicy.
@@ -6906,6 +6906,19 @@ def check_remote_name(item):
     return item.error is None
 
 
+def check_one_source_per_name(destination, items):
+    """Under /files two files pushed to one name would race (the last
+    one's content would win): every one after the first fails, named."""
+    if destination.top != "files":
+        return
+    first = {}
+    for item in items:
+        name = "/".join(destination.remote_segments(item.segments))
+        if name in first and item.error is None:
+            item.error = "files/%s is where %s goes already" % (name, first[name])
+        first.setdefault(name, item.path)
+
+
 def hash_file(path, stamp):
     """The sha256 of the file at ``path``; TransferError when it changed
     since ``stamp`` was taken, or while it was read."""
@@ -7278,6 +7291,7 @@ def push_all(run, items):
     """Hash, look up, then deploy or send every item; the exit status."""
     for item in items:
         check_remote_name(item)
+    check_one_source_per_name(run.destination, items)
     hash_items([item for item in items if item.error is None], run.progress, run.stop)
     ready = [item for item in items if item.error is None and item.sha256 is not None]
     skip_unchanged(run, ready)

@@ -215,6 +215,12 @@ class PushTest(ClientCase):
                      "--exclude", "cache")
         self.assertLanded(run, files=2)
         self.assertEqual(sorted(stored(self.store, "ex")), ["dist/keep.txt", "dist/sub/keep2.txt"])
+        twin = os.path.join(self.work, "other", "keep.txt")
+        write(twin, b"another keep.txt")
+        clash = client("push", os.path.join(folder, "keep.txt"), twin, "--to", self.url("files/ex/"))
+        self.assertEqual(clash.returncode, 1, clash)
+        self.assertEqual(clash.report["failures"], [{"file": twin, "error": (
+            "files/ex/keep.txt is where %s goes already" % os.path.join(folder, "keep.txt"))}])
 
     def test_dry_run_changes_nothing(self):
         tree = os.path.join(self.work, "tree")
