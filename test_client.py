@@ -11,6 +11,7 @@ bodies), cuts a connection mid-file (the push or pull resumes), answers
 
 import hashlib
 import http.server
+import io
 import json
 import os
 import pty
@@ -182,13 +183,14 @@ class PushTest(ClientCase):
         self.assertLanded(client("push", tree + "/", "--to", self.url("files/deploy/a/")))
         self.relay.reset_counts()
         again = client("push", tree + "/", "--to", self.url("files/deploy/b/"),
-                       "--meta", "build=42", "--meta", "who=j\u00fcrgen")
+                       "--meta", "build=42", "--meta", "who=j\u00fcrgen", "--keep")
         self.assertLanded(again, deployed=len(files), sent=0, bytes_sent=0)
         self.assertLess(self.relay.upstream, 64 * KIB)
         self.assertEqual(stored(self.store, "deploy", "b"), files)
         records = self.server.request("GET", "/uploads?format=json&meta.build=42").json()
         self.assertEqual(len(records["uploads"]), len(files), records)
         self.assertEqual(records["uploads"][0]["meta"], {"build": "42", "who": "j\u00fcrgen"})
+        self.assertTrue(all(record["keep"] for record in records["uploads"]), records)
         # The same names again with a retention: deployed again, so it applies.
         third = client("push", tree + "/", "--to", self.url("files/deploy/b/"),
                        "--retain-days", "3")
@@ -317,6 +319,25 @@ class PushTest(ClientCase):
         summary = completed.stdout.decode()
         self.assertRegex(summary, r"^push: 1 file \(64\.0 KiB\): 1 sent, 0 deployed, "
                                   r"0 skipped, 0 failed; 64\.0 KiB sent in \d+\.\d s\n$")
+
+
+class ProgressTest(unittest.TestCase):
+    """The progress lines where no terminal is: at most one every 10 s."""
+
+    def test_a_line_every_ten_seconds_in_logs(self):
+        stream = io.StringIO()
+        progress = http_bucket.Progress("push", stream, live=False, quiet=False)
+        progress.phase("sending", 10, 10 * MIB)
+        progress.advance(4 * MIB)
+        progress.finish("sent")
+        progress.tick()
+        self.assertEqual(stream.getvalue(), "", "nothing before 10 s")
+        progress.last_logged -= http_bucket.PROGRESS_LOG_EVERY
+        progress.phase_started -= 2.0
+        progress.tick()
+        progress.tick()
+        self.assertRegex(stream.getvalue(), r"^push: sending 1/10 files, 4\.0 MiB/10\.0 MiB, "
+                                            r"[\d.]+ MiB/s, ETA \d+ s\n$")
 
 
 class ErrorsTest(ClientCase):
