@@ -7326,44 +7326,52 @@ def push_all(run, items):
 
 
 def finish(run, items, received=False):
-    """Print the summary line (or the JSON object); the exit status:
+    """Print the run's end: its error line, if any, on stderr; the
+    summary line (or with --json the report) on stdout.  The exit status:
     0 when every file landed, 1 otherwise."""
-    progress = run.progress
-    progress.stop()
-    outcomes = progress.outcomes
+    run.progress.stop()
     if run.fatal is not None:
         hint = " (check --token-file or BUCKET_TOKEN)" if run.fatal.status in (401, 403) else ""
         sys.stderr.write("http_bucket %s: error: %s%s\n" % (run.command, run.fatal, hint))
     if run.interrupted:
         sys.stderr.write("http_bucket %s: interrupted\n" % run.command)
-    total = sum(item.size for item in items)
-    seconds = round(progress.seconds(), 3)
-    byte_key = "bytes_received" if received else "bytes_sent"
+    report = run_report(run, items, received)
     if run.options.json:
-        report = {"command": run.command, "files": len(items), "bytes": total}
-        for key in (("sent", "deployed", "skipped") if run.command == "push"
-                    else ("fetched", "skipped")):
-            report[key] = outcomes[key]
-        if getattr(run.options, "dry_run", False):
-            report["would_send"] = outcomes["would send"]
-            report["would_deploy"] = outcomes["would deploy"]
-        report.update({"failed": outcomes["failed"], byte_key: progress.wire_bytes,
-                       "seconds": seconds, "failures": progress.failures,
-                       "error": str(run.fatal) if run.fatal is not None else None})
         sys.stdout.write(json.dumps(report, ensure_ascii=False) + "\n")
     else:
-        kinds = (("sent", "deployed", "skipped") if run.command == "push"
-                 else ("fetched", "skipped"))
-        if getattr(run.options, "dry_run", False):
-            kinds = ("would send", "would deploy", "skipped")
-        counts = ", ".join("%d %s" % (outcomes[kind], kind) for kind in kinds)
+        counts = ", ".join("%d %s" % (run.progress.outcomes[kind], kind)
+                           for kind in outcome_kinds(run))
         sys.stdout.write("%s: %d file%s (%s): %s, %d failed; %s %s in %.1f s\n" % (
-            run.command, len(items), "" if len(items) == 1 else "s", human_bytes(total),
-            counts, outcomes["failed"],
-            human_bytes(progress.wire_bytes), "received" if received else "sent", seconds))
+            run.command, len(items), "" if len(items) == 1 else "s", human_bytes(report["bytes"]),
+            counts, report["failed"], human_bytes(run.progress.wire_bytes),
+            "received" if received else "sent", report["seconds"]))
     sys.stdout.flush()
-    landed = outcomes["failed"] == 0 and run.fatal is None and not run.interrupted
+    landed = report["failed"] == 0 and run.fatal is None and not run.interrupted
     return 0 if landed else 1
+
+
+def outcome_kinds(run):
+    """The outcomes a summary counts, besides ``failed``."""
+    if getattr(run.options, "dry_run", False):
+        return ("would send", "would deploy", "skipped")
+    return ("sent", "deployed", "skipped") if run.command == "push" else ("fetched", "skipped")
+
+
+def run_report(run, items, received):
+    """The --json object: counts, bytes, seconds, failures, the error."""
+    outcomes = run.progress.outcomes
+    report = {"command": run.command, "files": len(items),
+              "bytes": sum(item.size for item in items)}
+    for kind in outcome_kinds(run):
+        report[kind.replace(" ", "_")] = outcomes[kind]
+    if getattr(run.options, "dry_run", False):
+        report.update(sent=0, deployed=0)
+    report.update({"failed": outcomes["failed"],
+                   "bytes_received" if received else "bytes_sent": run.progress.wire_bytes,
+                   "seconds": round(run.progress.seconds(), 3),
+                   "failures": run.progress.failures,
+                   "error": str(run.fatal) if run.fatal is not None else None})
+    return report
 
 
 # -- pull ------------------------------------------------------------------------
