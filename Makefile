@@ -5,7 +5,7 @@ PYTHON ?= python3
 ARGS ?=
 
 .PHONY: run test test-e2e test-e2e-deps bench bench-quick bench-peers lint docker docker-test \
-	check-isolated ci
+	package-test check-isolated ci
 
 run:
 	$(PYTHON) http_bucket.py $(ARGS)
@@ -54,6 +54,11 @@ docker:
 # .ci/docker-test.  Needs root; a skip (exit 77, reason printed) is not an error.
 docker-test:
 	@bash .ci/docker-test; rc=$$?; [ $$rc -eq 77 ] && exit 0; exit $$rc
+
+# The wheel (pip wheel), installed into a fresh venv; its `http-bucket`
+# command runs the server, push and pull (see .ci/package-test).
+package-test:
+	@bash .ci/package-test; rc=$$?; [ $$rc -eq 77 ] && exit 0; exit $$rc
 
 # Proof of zero dependencies: starts with no site-packages and no user paths.
 check-isolated:

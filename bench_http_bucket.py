@@ -26,6 +26,10 @@ stops it by its PID.  Sections (``--only`` takes their names or letters):
               (members/s, MB/s); peak RSS while gzip and zip bombs of 1 GiB
               of zeros are stopped by the ratio limit
   l listing   a directory of 100,000 names listed as JSON: seconds, peak RSS
+  k client    http_bucket.py push: a tree of 1,000 files summing to 1 GiB
+              pushed into an empty store, then again unchanged (wall time,
+              bytes that reached the server, counted by a relay); one 1 GiB
+              file by push against curl -T, interleaved
   p peers     copyparty (pinned, installed by pip into a bench-only venv under
               ~/.cache/http_bucket-bench on first use; "copyparty: skipped
               (why)" when that fails) beside http_bucket, interleaved round by
@@ -63,6 +67,7 @@ import json
 import multiprocessing
 import os
 import platform
+import random
 import re
 import shutil
 import signal
@@ -85,11 +90,11 @@ MB = 1000 * 1000
 # inodes deleted in the last minutes (recently_deleted in the kernel's
 # profile), so every store of many files is deleted only at the very end.
 SECTIONS = ("ceilings", "upload", "small", "head", "download", "scaling", "archives",
-            "listing", "uploads", "limits", "resumable", "peers", "startup")
+            "listing", "uploads", "limits", "resumable", "client", "peers", "startup")
 LETTERS = {"a": ("ceilings",), "b": ("upload",), "c": ("small",), "d": ("head",),
            "e": ("download",), "f": ("startup",), "g": ("upload", "small"),
            "s": ("scaling",), "x": ("archives",), "l": ("listing",), "p": ("peers",),
-           "u": ("uploads",), "m": ("limits",), "r": ("resumable",)}
+           "u": ("uploads",), "m": ("limits",), "r": ("resumable",), "k": ("client",)}
 
 # Sizes of a full run and of a --quick smoke run.
 FULL = dict(hash_bytes=512 * MiB, disk_bytes=1 * GiB, loopback_bytes=1 * GiB,
@@ -98,14 +103,16 @@ FULL = dict(hash_bytes=512 * MiB, disk_bytes=1 * GiB, loopback_bytes=1 * GiB,
             scaling_uploads=256, scaling_size=1 * MiB,
             zip_members=10000, tgz_bytes=1 * GiB, bomb_bytes=1 * GiB,
             listing_entries=100000, peer_small_count=2000, peer_big_bytes=512 * MiB,
-            uploads_records=1000000, limits_uploads=6000, table_blobs=1000000)
+            uploads_records=1000000, limits_uploads=6000, table_blobs=1000000,
+            client_files=1000, client_bytes=1 * GiB)
 QUICK = dict(hash_bytes=64 * MiB, disk_bytes=128 * MiB, loopback_bytes=256 * MiB,
              big_bytes=128 * MiB, small_count=400, small_size=16 * 1024,
              head_seconds=2, startup_counts=(10000,),
              scaling_uploads=64, scaling_size=1 * MiB,
              zip_members=1000, tgz_bytes=64 * MiB, bomb_bytes=256 * MiB,
              listing_entries=10000, peer_small_count=800, peer_big_bytes=128 * MiB,
-            uploads_records=100000, limits_uploads=2000, table_blobs=100000)
+            uploads_records=100000, limits_uploads=2000, table_blobs=100000,
+            client_files=200, client_bytes=128 * MiB)
 
 SERVER_START_TIMEOUT = 30.0   # seconds until /healthz answers
 CURL_TIMEOUT = 300            # seconds for one 1 GiB transfer
@@ -1661,6 +1668,139 @@ def bench_head(ctx):
                 figures.note(key, "load generator CPU %.0f us/request" % cpu)
     finally:
         ctx.servers.stop(server)
+
+
+# ===========================================================================
+# k. The client: a tree pushed twice, one large file against curl -T
+# ===========================================================================
+
+
+def make_client_tree(ctx):
+    """A tree of ``client_files`` files in folders of 100, summing to
+    ``client_bytes`` (sizes from a fixed-seed log-normal: many small files,
+    a few large ones); made once.  Its path."""
+    root = os.path.join(ctx.workdir, "client-tree")
+    if os.path.isdir(root):
+        return root
+    count, total = ctx.sizes["client_files"], ctx.sizes["client_bytes"]
+    chooser = random.Random(20261130)
+    weights = [chooser.lognormvariate(0, 1.5) for _ in range(count)]
+    sizes = [int(total * weight / sum(weights)) for weight in weights]
+    sizes[0] += total - sum(sizes)
+    log("writing a tree of %d files, %s" % (count, size_label(total)))
+    for number, size in enumerate(sizes):
+        folder = os.path.join(root, "dir%02d" % (number // 100))
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "file%04d.bin" % number), "wb") as handle:
+            while size:
+                piece = min(size, 4 * MiB)
+                handle.write(os.urandom(piece))
+                size -= piece
+    os.sync()
+    return root
+
+
+def run_push(ctx, paths, url, *args):
+    """``http_bucket.py push PATHS --to URL --json -q ARGS`` as a subprocess:
+    (wall seconds, the JSON report)."""
+    command = ([sys.executable, ctx.servers.script, "push"] + list(paths)
+               + ["--to", url, "--json", "-q"] + list(args))
+    started = time.monotonic()
+    result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            timeout=CURL_TIMEOUT)
+    seconds = time.monotonic() - started
+    if result.returncode != 0:
+        raise RuntimeError("push exited %d: %s %s" % (result.returncode, result.stdout[-300:],
+                                                      result.stderr[-300:]))
+    return seconds, json.loads(result.stdout.decode())
+
+
+def client_tree_round(ctx, tree, relay_class):
+    """First and second push of the tree: direct for the times, then
+    through a counting relay (a fresh store) for the bytes on the wire."""
+    figures = ctx.figures
+    server = ctx.servers.start(label="client-tree")
+    try:
+        settle()
+        first, report = run_push(ctx, [tree], server.url + "/files/ci/")
+        second, again = run_push(ctx, [tree], server.url + "/files/ci/")
+    finally:
+        ctx.servers.stop(server)
+    server = ctx.servers.start(label="client-tree-relay")
+    relay = relay_class(server.port)
+    try:
+        settle()
+        run_push(ctx, [tree], relay.url("files/ci/"))
+        first_bytes = relay.upstream
+        relay.reset_counts()
+        run_push(ctx, [tree], relay.url("files/ci/"))
+        second_bytes = relay.upstream
+    finally:
+        relay.close()
+        ctx.servers.stop(server)
+    figures.add("client_first_s", first, sent=report["sent"], bytes_sent=report["bytes_sent"])
+    figures.add("client_first_mb", first_bytes / MB)
+    figures.add("client_second_s", second, skipped=again["skipped"])
+    figures.add("client_second_kb", second_bytes / 1000.0)
+    log("tree: first push %.2f s (%d sent, %.1f MB up), second %.2f s (%d skipped, "
+        "%d bytes up)" % (first, report["sent"], first_bytes / MB, second, again["skipped"],
+                          second_bytes))
+
+
+def client_file_round(ctx, order):
+    """One large file by push and by curl -T, each into a fresh store, in
+    ``order``: {key: MB/s}."""
+    size, rates = ctx.sizes["big_bytes"], {}
+    for key in order:
+        server = ctx.servers.start(label=key)
+        try:
+            settle()
+            if key == "client_push_rate":
+                seconds, report = run_push(ctx, [ctx.big_file], server.url + "/files/big/")
+                if report["sent"] != 1:
+                    raise RuntimeError("push did not send the file: %s" % report)
+            else:
+                code, seconds = curl(["-o", "/dev/null", "-f", "-T", ctx.big_file,
+                                      server.url + "/files/big/big.bin"])
+                if code != 201:
+                    raise RuntimeError("curl -T answered %d" % code)
+        finally:
+            ctx.servers.stop(server)
+        rates[key] = size / seconds / MB
+        ctx.figures.add(key, rates[key])
+    return rates
+
+
+def bench_client(ctx):
+    """The client (http_bucket.py push): a tree of 1,000 files summing to
+    1 GiB pushed into an empty store and again unchanged (wall time with
+    the interpreter's start, and the bytes that reached the server, counted
+    by a relay); one 1 GiB file by push (hashing included) against curl -T,
+    interleaved."""
+    from http_bucket_testing import TcpRelay  # the tests' relay (standard library)
+    figures, sizes = ctx.figures, ctx.sizes
+    tree = make_client_tree(ctx)
+    label = "%d files, %s" % (sizes["client_files"], size_label(sizes["client_bytes"]))
+    figures.define("client_first_s", "push of a tree (%s) into an empty store" % label, "s",
+                   digits=2)
+    figures.define("client_first_mb", "... bytes that reached the server", "MB", digits=1)
+    figures.define("client_second_s", "push of the same tree again (unchanged)", "s", digits=2)
+    figures.define("client_second_kb", "... bytes that reached the server (no bodies)", "kB",
+                   ("max", 1000), "no file bodies", digits=1)
+    big = size_label(sizes["big_bytes"])
+    figures.define("client_push_rate", "%s file by push (hash, lookup, resumable upload)" % big,
+                   "MB/s")
+    figures.define("client_curl_rate", "%s file by curl -T, same runs" % big, "MB/s")
+    figures.define("client_push_vs_curl", "push against curl -T", "%", digits=1)
+    make_big_file(ctx)
+    for run in range(ctx.runs):
+        client_tree_round(ctx, tree, TcpRelay)
+        order = ("client_push_rate", "client_curl_rate")
+        rates = client_file_round(ctx, order if run % 2 == 0 else order[::-1])
+        ratio = rates["client_push_rate"] / rates["client_curl_rate"] * 100
+        figures.add("client_push_vs_curl", ratio)
+        log("run %d: %s by push %.0f MB/s, by curl -T %.0f MB/s (%.1f %%)"
+            % (run + 1, big, rates["client_push_rate"], rates["client_curl_rate"], ratio))
 
 
 # ===========================================================================

@@ -14,6 +14,15 @@ a bare interpreter in CI.
         wait_until(lambda: ..., POLL_TIMEOUT, what="the sweep")
     contents = assert_store_consistent(directory)
 
+A TcpRelay stands between a client and a server (or acts as an HTTP
+proxy): it counts the bytes each way, cuts a connection after N bytes,
+and answers chosen requests itself (503 or 507 with Retry-After):
+
+    with TcpRelay(server.port) as relay:
+        relay.cut_upstream(8 * 1024 * 1024)    # the next upload breaks there, once
+        ... client against relay.url("files/x/") ...
+        assert relay.upstream < limit, relay.upstream
+
 Contracts: ``wait_until`` returns the predicate's true value or raises
 AssertionError naming what it waited for; a ServerProcess is stopped by its
 PID (SIGTERM, a bounded wait, then SIGKILL) and keeps every run's log; the
@@ -47,8 +56,10 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import unittest
+import urllib.parse
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
@@ -499,6 +510,199 @@ def start_server(directory, *args, reconciled=False, **options):
     """ServerProcess(directory, args, **options), started (``reconciled``:
     see ServerProcess.start); the caller stops it."""
     return ServerProcess(directory, args, **options).start(reconciled)
+
+
+# ===========================================================================
+# A relay between a client and a server: counts bytes, cuts, refuses
+# ===========================================================================
+
+
+class Refusal:
+    """A canned answer for the next ``count`` connections whose first
+    request matches ``method`` and ``path_prefix`` (None: any)."""
+
+    def __init__(self, status, headers, count, method=None, path_prefix=None):
+        self.status = status
+        self.headers = dict(headers)
+        self.count = count
+        self.method = method
+        self.path_prefix = path_prefix
+
+    def matches(self, method, target):
+        path = urllib.parse.urlsplit(target).path
+        return (self.count > 0 and self.method in (None, method)
+                and (self.path_prefix is None or path.startswith(self.path_prefix)))
+
+
+class TcpRelay:
+    """A TCP relay from a free port of 127.0.0.1 to ``target_port`` (the
+    client's way to a server, or an HTTP proxy: the server takes the
+    absolute-form targets a proxy is sent, and ``CONNECT`` opens a tunnel
+    to the target whatever it names, counted in ``tunnels``).  A context
+    manager.
+
+    ``upstream`` / ``downstream`` count the bytes relayed from clients and
+    back, ``connections`` the connections accepted, ``refused`` the answers
+    made up.  ``cut_upstream(n)`` / ``cut_downstream(n)`` close the next
+    connection that has relayed ``n`` bytes that way, exactly there, once.
+    ``refuse(status, headers, count, method, path_prefix)``: the next
+    ``count`` matching requests (each the first on its connection) get that
+    answer, after their body is read, and the connection is closed.
+    ``when_upstream(n, action)`` calls ``action()`` once a connection has
+    sent ``n`` bytes.  Threads are daemons; ``close`` stops accepting.
+    """
+
+    def __init__(self, target_port, target_host="127.0.0.1"):
+        self.target = (target_host, target_port)
+        self.lock = threading.Lock()
+        self.upstream = self.downstream = self.connections = self.refused = 0
+        self.tunnels = 0
+        self.cuts = {"up": None, "down": None}
+        self.refusals = []
+        self.actions = []
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, path=""):
+        return "http://127.0.0.1:%d/%s" % (self.port, path.lstrip("/"))
+
+    def reset_counts(self):
+        with self.lock:
+            self.upstream = self.downstream = self.connections = self.refused = 0
+
+    def cut_upstream(self, count):
+        self.cuts["up"] = count
+
+    def cut_downstream(self, count):
+        self.cuts["down"] = count
+
+    def refuse(self, status, headers, count=1, method=None, path_prefix=None):
+        self.refusals.append(Refusal(status, headers, count, method, path_prefix))
+
+    def when_upstream(self, count, action):
+        self.actions.append([count, action])
+
+    def close(self):
+        self.listener.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            with self.lock:
+                self.connections += 1
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client):
+        head = b""
+        try:
+            while b"\r\n\r\n" not in head:
+                data = client.recv(65536)
+                if not data:
+                    client.close()
+                    return
+                head += data
+            if self._refused(client, head):
+                return
+            server = socket.create_connection(self.target, timeout=IO_TIMEOUT)
+            if head.startswith(b"CONNECT "):  # an HTTPS proxy's tunnel: then bytes as they are
+                with self.lock:
+                    self.tunnels += 1
+                client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                head = head.split(b"\r\n\r\n", 1)[1]
+        except OSError:
+            client.close()
+            return
+        state = {"up": 0, "down": 0, "closed": False}
+        threading.Thread(target=self._pump, args=(server, client, "down", state, b""),
+                         daemon=True).start()
+        self._pump(client, server, "up", state, head)
+
+    def _refused(self, client, head):
+        """Answer with a Refusal matching the first request, if any."""
+        lines = head.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+        method, _, rest = lines[0].partition(" ")
+        target = rest.rpartition(" ")[0]
+        with self.lock:
+            refusal = next((r for r in self.refusals if r.matches(method, target)), None)
+            if refusal is None:
+                return False
+            refusal.count -= 1
+            self.refused += 1
+            self.upstream += len(head)
+        fields = Headers(line.partition(":")[::2] for line in lines[1:])
+        length = int(fields.get("content-length", "0").strip() or 0)
+        body = len(head.split(b"\r\n\r\n", 1)[1])
+        while body < length:
+            data = client.recv(min(65536, length - body))
+            if not data:
+                break
+            body += len(data)
+            with self.lock:
+                self.upstream += len(data)
+        answer = json.dumps({"code": refusal.status, "status": "error",
+                             "error": "refused by the test relay"}).encode()
+        extra = "".join("%s: %s\r\n" % item for item in refusal.headers.items())
+        client.sendall(("HTTP/1.1 %d Refused\r\nContent-Type: application/json\r\n"
+                        "Content-Length: %d\r\n%sConnection: close\r\n\r\n"
+                        % (refusal.status, len(answer), extra)).encode() + answer)
+        client.close()
+        return True
+
+    def _pump(self, source, sink, way, state, first):
+        """Relay ``source`` to ``sink`` until either ends or a cut."""
+        data = first
+        try:
+            while True:
+                if not data:
+                    data = source.recv(65536)
+                    if not data:
+                        break
+                data, cut = self._count(way, state, data)
+                sink.sendall(data)
+                if cut:
+                    break
+                data = b""
+        except OSError:
+            pass
+        for sock in (source, sink):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    def _count(self, way, state, data):
+        """(the part of ``data`` to relay, whether to cut after it)."""
+        actions = []
+        with self.lock:
+            cut = self.cuts[way]
+            if cut is not None and state[way] + len(data) >= cut:
+                data = data[:cut - state[way]]
+                self.cuts[way] = None
+            else:
+                cut = None
+            state[way] += len(data)
+            setattr(self, way + "stream", getattr(self, way + "stream") + len(data))
+            if way == "up":
+                for pending in self.actions:
+                    if pending[1] is not None and state["up"] >= pending[0]:
+                        actions.append(pending[1])
+                        pending[1] = None
+        for action in actions:
+            action()
+        return data, cut is not None
 
 
 # ===========================================================================
