@@ -760,6 +760,9 @@ SETTINGS = [
             "FILE", "TLS private key (PEM)", False),
     Setting("workers", ("--workers",), "BUCKET_WORKERS", "1", _workers, "N|auto",
             "server processes sharing the port and the store (auto: one per core)", False),
+    Setting("send_104", ("--send-104",), "BUCKET_SEND_104", "true", _bool, "BOOL",
+            "announce a resumable upload with 104 before its final answer; false "
+            "behind a proxy that cannot pass 1xx responses on (nginx)", False),
     Setting("max_connections", ("--max-connections",), "BUCKET_MAX_CONNECTIONS",
             "256", _positive_int, "COUNT", "connections served at once; "
             "more get 503", False),
@@ -1477,7 +1480,9 @@ def _extend(target, source, start, end):
     """Append ``source[start:end]`` to array ``target`` at C speed
     (``source``: an array, or a memoryview of a mapped snapshot)."""
     if end > start:
-        target.frombytes(memoryview(source)[start:end])
+        view = memoryview(source)
+        size = view.itemsize
+        target.frombytes(view.cast("B")[start * size:end * size])
 
 
 def _clamp_seconds(when):
@@ -1583,7 +1588,8 @@ class BlobIndex:
 
     def last_use(self, sha256):
         entry = self.entry(digest_key(sha256))
-        return None if entry is None or entry[1] & self.GONE else entry[0]
+        stored = entry is not None and entry[1] & self.RECORDED and not entry[1] & self.GONE
+        return entry[0] if stored else None
 
     def is_kept(self, sha256):
         entry = self.entry(digest_key(sha256))
@@ -1666,7 +1672,8 @@ class BlobIndex:
         key = digest_key(sha256)
         with self.lock:
             entry = self.entry(key)
-            if entry is not None and not entry[1] & self.KEPT:
+            if entry is not None and entry[1] & self.RECORDED and \
+                    not entry[1] & (self.KEPT | self.GONE):
                 self._set(key, entry[0], entry[1] | self.KEPT)
 
     def take_dirty(self):
@@ -1812,7 +1819,7 @@ def merge_index(base, delta, alias_delta, count, size, drop_gone=False):
         start = spot + (spot < len(base.keys) and base.keys[spot] == key)
         if not bits & wanted:
             bits = BlobIndex.GONE
-        if drop_gone and bits & BlobIndex.GONE:
+        if drop_gone and bits & BlobIndex.GONE and not bits & BlobIndex.PINNED:
             gone.add(key)
             continue
         keys.append(key)
@@ -1821,7 +1828,7 @@ def merge_index(base, delta, alias_delta, count, size, drop_gone=False):
     _extend(keys, base.keys, start, len(base.keys))
     _extend(used, base.used, start, len(base.keys))
     _extend(flags, base.flags, start, len(base.keys))
-    if drop_gone:  # GONE keys the base kept (removed flags are GONE alone)
+    if drop_gone:  # GONE keys the base kept (GONE alone: not pinned since)
         raw = flags.tobytes()
         spots = []
         spot = raw.find(b"\x08")
@@ -2361,10 +2368,12 @@ class JournalSet:
 
     def compact_journals(self):
         """Fold what the dead processes' journals hold into a snapshot
-        (written only when something changed since the last one), then
-        delete the journals it and the one before it cover whole."""
-        if self.store.blobs.delta or self.snapshot_id is None or \
-                any(not self._covered(path, self.snapshot_path) for path in self._dead()):
+        (written only when the index changed since the last one, or a dead
+        journal is not yet covered by two), then delete the journals it and
+        the one before it cover whole."""
+        if self.store.blobs.delta or self.snapshot_id is None or any(
+                not (self._covered(path, self.snapshot_path) and
+                     self._covered(path, self.previous_path)) for path in self._dead()):
             self.write_snapshot()
         else:
             self._fold_dead()
@@ -2450,7 +2459,7 @@ class JournalSet:
         try:
             with open(snapshot, "rb") as handle:
                 lines = handle.read(SNAPSHOT_HEADER).split(b"\n")
-            offset = json.loads(lines[1])["offsets"].get(os.path.basename(journal), -1)
+            offset = json.loads(lines[1])["offsets"].get(os.path.basename(journal), 0)
             return os.path.getsize(journal) <= offset
         except (OSError, ValueError, KeyError, IndexError, AttributeError):
             return False
@@ -7175,7 +7184,8 @@ class Handler(BaseHTTPRequestHandler):
         location = self.server.url("resumable/" + upload.token)
         self.server.log_event("message", text="resumable upload %s created for %s"
                               % (upload.token[:8], dest and store.relpath(dest) or name))
-        if version is not None and self.request_version == "HTTP/1.1":
+        if version is not None and self.request_version == "HTTP/1.1" and \
+                self.server.config.send_104:
             self.wfile.write(("HTTP/1.1 104 Upload Resumption Supported\r\nLocation: %s\r\n"
                               "Upload-Draft-Interop-Version: %d\r\nUpload-Limit: %s\r\n\r\n"
                               % (location, version, self.upload_limit(version))).encode())
