@@ -63,13 +63,14 @@ class BlobIndexTest(unittest.TestCase):
     def test_random_operations_same_with_and_without_compaction(self):
         """The same operations on an index that never compacts and on one
         compacted and snapshotted (written, mapped, adopted) at random
-        points: readers see the same, at every step."""
+        points -- also a snapshot made while operations go on, as a server
+        makes them: readers see the same, at every step."""
         rng = random.Random(16)
         digests = {number: fake_digests(number) for number in range(300)}
         plain = http_bucket.BlobIndex(ALGORITHMS)
-        plain.COMPACT_EVERY = 10 ** 9
+        plain.compact_every = 10 ** 9
         folded = http_bucket.BlobIndex(ALGORITHMS)
-        folded.COMPACT_EVERY = 37  # compacts by itself too
+        folded.compact_every = 37  # compacts by itself too
         tmp = tempfile.mkdtemp(prefix="http_bucket_index_")
         self.addCleanup(shutil.rmtree, tmp, True)
         path = os.path.join(tmp, "snapshot.bin")
@@ -79,7 +80,7 @@ class BlobIndexTest(unittest.TestCase):
             key = rng.randrange(300)
             sha = digests[key]["sha256"]
             operation = rng.choice(("add", "add", "remove", "touch", "keep", "pin",
-                                    "pin_until", "unpin", "snapshot", "compact"))
+                                    "pin_until", "unpin", "snapshot", "compact", "begin", "end"))
             for index in (plain, folded):
                 if operation == "add":
                     index.add(digests[key], key + 1, when)
@@ -95,7 +96,13 @@ class BlobIndexTest(unittest.TestCase):
                     index.pin(sha, when + 100)
                 elif operation == "unpin":
                     index.unpin(sha)
-            if operation == "compact":
+            if operation == "begin" and folded.tracking is None:
+                started = folded.copy_state(track=True)  # the operations go on
+            elif operation == "end" and folded.tracking is not None:
+                base = http_bucket.merge_index(*started, drop_gone=True)
+                http_bucket.write_snapshot(path, base, {}, {})
+                folded.adopt(http_bucket.read_snapshot(path, folded.aliases)[0], tracked=True)
+            elif operation == "compact":
                 folded.compact()
             elif operation == "snapshot":
                 base = http_bucket.merge_index(*folded.copy_state(), drop_gone=True)
