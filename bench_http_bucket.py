@@ -42,6 +42,13 @@ stops it by its PID.  Sections (``--only`` takes their names or letters):
               http_bucket has that flag.  Printed as a second table: each
               goal of the issue as a ratio, met or MISSED
   f startup   10,000 and 100,000 stored blobs (1,000,000 with --with-1m)
+  z scale     1,000,000 generated blobs (10,000,000 with --big): start to
+              index_ready and to reconciled without a snapshot and from one,
+              memory per blob (private, and the shared mapped snapshot), per
+              worker with --workers 2, bytes a restart writes, HEAD/s; with
+              --before old.py the same for an older server on a copy of the
+              journals; then 100,000 blobs on the GlusterFS volume of
+              ../shared/dfs (root; started and stopped here when not mounted)
   g           peak RSS (VmHWM) is taken in b, c and the scaling section
 
 Sections run in that order; stores of many files are deleted only at the end
@@ -90,11 +97,11 @@ MB = 1000 * 1000
 # inodes deleted in the last minutes (recently_deleted in the kernel's
 # profile), so every store of many files is deleted only at the very end.
 SECTIONS = ("ceilings", "upload", "small", "head", "download", "scaling", "archives",
-            "listing", "uploads", "limits", "resumable", "client", "peers", "startup")
+            "listing", "uploads", "limits", "resumable", "client", "peers", "startup", "scale")
 LETTERS = {"a": ("ceilings",), "b": ("upload",), "c": ("small",), "d": ("head",),
            "e": ("download",), "f": ("startup",), "g": ("upload", "small"),
            "s": ("scaling",), "x": ("archives",), "l": ("listing",), "p": ("peers",),
-           "u": ("uploads",), "m": ("limits",), "r": ("resumable",), "k": ("client",)}
+           "u": ("uploads",), "m": ("limits",), "r": ("resumable",), "k": ("client",), "z": ("scale",)}
 
 # Sizes of a full run and of a --quick smoke run.
 FULL = dict(hash_bytes=512 * MiB, disk_bytes=1 * GiB, loopback_bytes=1 * GiB,
@@ -104,7 +111,7 @@ FULL = dict(hash_bytes=512 * MiB, disk_bytes=1 * GiB, loopback_bytes=1 * GiB,
             zip_members=10000, tgz_bytes=1 * GiB, bomb_bytes=1 * GiB,
             listing_entries=100000, peer_small_count=2000, peer_big_bytes=512 * MiB,
             uploads_records=1000000, limits_uploads=6000, table_blobs=1000000,
-            client_files=1000, client_bytes=1 * GiB)
+            client_files=1000, client_bytes=1 * GiB, scale_blobs=1000000, dfs_blobs=100000)
 QUICK = dict(hash_bytes=64 * MiB, disk_bytes=128 * MiB, loopback_bytes=256 * MiB,
              big_bytes=128 * MiB, small_count=400, small_size=16 * 1024,
              head_seconds=2, startup_counts=(10000,),
@@ -112,7 +119,7 @@ QUICK = dict(hash_bytes=64 * MiB, disk_bytes=128 * MiB, loopback_bytes=256 * MiB
              zip_members=1000, tgz_bytes=64 * MiB, bomb_bytes=256 * MiB,
              listing_entries=10000, peer_small_count=800, peer_big_bytes=128 * MiB,
             uploads_records=100000, limits_uploads=2000, table_blobs=100000,
-            client_files=200, client_bytes=128 * MiB)
+            client_files=200, client_bytes=128 * MiB, scale_blobs=100000, dfs_blobs=10000)
 
 SERVER_START_TIMEOUT = 30.0   # seconds until /healthz answers
 CURL_TIMEOUT = 300            # seconds for one 1 GiB transfer
@@ -281,12 +288,13 @@ def client_cpu_seconds():
 
 
 def proc_status(pid):
-    """{field: kB} of /proc/<pid>/status for VmRSS and VmHWM (empty if gone)."""
+    """{field: kB} of /proc/<pid>/status for VmRSS, VmHWM, RssAnon and
+    RssFile (empty if gone)."""
     fields = {}
     try:
         with open("/proc/%d/status" % pid) as handle:
             for line in handle:
-                if line.startswith(("VmRSS:", "VmHWM:")):
+                if line.startswith(("VmRSS:", "VmHWM:", "RssAnon:", "RssFile:")):
                     name, value = line.split(":", 1)
                     fields[name] = int(value.split()[0])
     except (OSError, ValueError):
@@ -465,6 +473,14 @@ class Servers:
     def start(self, directory=None, extra_args=(), label="store", wait=True):
         directory = directory or self.fresh_dir(label)
         server = Server(self.script, directory, extra_args, self.workdir)
+        self.live.append(server)
+        if wait:
+            server.wait_ready()
+        return server
+
+    def start_script(self, script, directory, extra_args=(), wait=True):
+        """A server from another script (an older http_bucket.py)."""
+        server = Server(script, directory, extra_args, self.workdir)
         self.live.append(server)
         if wait:
             server.wait_ready()
@@ -2560,6 +2576,263 @@ def bench_startup(ctx):
 
 
 # ===========================================================================
+# z. Scale: a store of a million blobs (ten with --big); GlusterFS
+# ===========================================================================
+
+DFS_DIR = os.path.join(HERE, "..", "shared", "dfs")
+
+
+def index_bytes(directory):
+    """Bytes of the journals and snapshots in ``directory``/index."""
+    total = 0
+    for entry in os.scandir(os.path.join(directory, "index")):
+        if entry.name.endswith((".log", ".bin")):
+            total += entry.stat().st_size
+    return total
+
+
+def proc_io(pid):
+    fields = {}
+    try:
+        with open("/proc/%d/io" % pid) as handle:
+            for line in handle:
+                name, _, value = line.partition(":")
+                fields[name] = int(value)
+    except OSError:
+        pass
+    return fields
+
+
+def measure_start(ctx, start, timeout):
+    """One start (``start()`` returns the Server, not waited for): seconds
+    to index_ready and to reconciled, memory once reconciled, bytes the
+    process wrote meanwhile."""
+    server = start()
+    try:
+        ready = server.wait_ready(timeout, poll=0.01)
+        deadline = time.monotonic() + timeout
+        health = server.healthz()
+        while not (health and health.get("reconciled")) and time.monotonic() < deadline:
+            time.sleep(0.01)
+            health = server.healthz()
+        reconciled = time.monotonic() - server.started if health.get("reconciled") else None
+        time.sleep(0.3)
+        pids = [server.pid] + children_of(server.pid)
+        status = [proc_status(pid) for pid in pids]
+        written = sum(proc_io(pid).get("write_bytes", 0) for pid in pids)
+        return server, {"ready": ready, "reconciled": reconciled, "blobs": health.get("blobs"),
+                        "anon_kb": [item.get("RssAnon", 0) for item in status],
+                        "file_kb": [item.get("RssFile", 0) for item in status],
+                        "pss_kb": [pss_kb(pid) for pid in pids],
+                        "hwm_kb": max(item.get("VmHWM", 0) for item in status),
+                        "written": written}
+    except BaseException:
+        ctx.servers.stop(server, remove_dir=False)
+        raise
+
+
+def children_of(pid):
+    try:
+        with open("/proc/%d/task/%d/children" % (pid, pid)) as handle:
+            return [int(child) for child in handle.read().split()]
+    except OSError:
+        return []
+
+
+def pss_kb(pid):
+    try:
+        with open("/proc/%d/smaps_rollup" % pid) as handle:
+            for line in handle:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def scale_label(count):
+    return "%dM" % (count // 1000000) if count >= 1000000 else "%dk" % (count // 1000)
+
+
+def copy_index(source, target):
+    """A store at ``target`` sharing ``source``'s blobs (a symlink) with a
+    copy of its journals: an older server rewrites the journals it reads."""
+    os.makedirs(os.path.join(target, "index"))
+    for entry in os.scandir(os.path.join(source, "index")):
+        if entry.name.endswith(".log"):
+            shutil.copyfile(entry.path, os.path.join(target, "index", entry.name))
+    os.symlink(os.path.join(source, "blob"), os.path.join(target, "blob"))
+
+
+def bench_scale(ctx):
+    figures = ctx.figures
+    counts = [ctx.sizes["scale_blobs"]] + ([10000000] if ctx.big else [])
+    empty_dir = ctx.servers.fresh_dir("scale-empty")
+    empty = ctx.servers.start(directory=empty_dir, label="scale-empty")
+    time.sleep(0.5)
+    empty_anon = proc_status(empty.pid).get("RssAnon", 0)
+    ctx.servers.stop(empty)
+    for count in counts:
+        label = scale_label(count)
+        per_million = max(count / 1000000.0, 1.0)  # the goals are per 1M: a listing of
+        # every blob/ab/cd directory (65,536) costs the same for fewer blobs
+        rows = [
+            ("cold_ready", "start to index_ready, no snapshot", "s",
+             ("max", 10 * per_million), "≤ %g s (10 s per 1M)" % (10 * per_million), 2),
+            ("cold_reconciled", "start to reconciled, no snapshot (the whole blob tree "
+             "listed)", "s", None, "", 2),
+            ("ready", "start to index_ready, from the snapshot", "s", ("max", 1.0), "≤ 1 s", 2),
+            ("reconciled", "start to reconciled, from the snapshot", "s",
+             ("max", 3 * per_million), "≤ %g s (3 s per 1M)" % (3 * per_million), 2),
+            ("anon_per_blob", "index memory per blob, private (RssAnon over an empty server)",
+             "B/blob", ("max", 48), "≤ 48 B/blob with the shared part", 1),
+            ("shared_per_blob", "index memory per blob, shared (the mapped snapshot)",
+             "B/blob", None, "", 1),
+            ("hwm", "peak RSS of a start from the snapshot", "MiB", None, "", 0),
+            ("written", "bytes written by a start from the snapshot", "MB",
+             None, "journals: none copied", 1),
+            ("workers_anon", "private memory per worker, --workers 2", "MiB", None, "", 1),
+            ("workers_pss", "PSS per worker, --workers 2 (shared pages split)", "MiB", None, "", 1),
+            ("head_md5", "HEAD /checksum/<md5> on the big store, 16 connections", "req/s",
+             None, "", 0)]
+        if ctx.before:
+            rows[2:2] = [("before_ready", "before: start to index_ready", "s", None, "", 2),
+                         ("before_reconciled", "before: start to reconciled", "s", None, "", 2),
+                         ("before_anon_per_blob", "before: RSS per blob (RssAnon)", "B/blob",
+                          None, "", 0),
+                         ("before_hwm", "before: peak RSS", "MiB", None, "", 0),
+                         ("before_written", "before: bytes written by a start", "MB",
+                          None, "", 1)]
+        for key, figure, unit, goal, goal_text, digits in rows:
+            figures.define("scale_%s_%s" % (key, label), "%s, %s blobs: %s" % (
+                "scale", label, figure), unit, goal, goal_text, digits=digits)
+
+        def add(key, value, **extra):
+            figures.add("scale_%s_%s" % (key, label), value, **extra)
+
+        directory = ctx.servers.fresh_dir("scale-%s" % label)
+        started = time.monotonic()
+        generate_store(directory, count)
+        log("scale: generated %d blobs in %.1f s (%.0f MB of journals)"
+            % (count, time.monotonic() - started, index_bytes(directory) / MB))
+        timeout = max(120.0, 60 * per_million)
+        if ctx.before:
+            for run in range(ctx.runs):
+                copy = ctx.servers.fresh_dir("scale-before-%s" % label)
+                shutil.rmtree(copy)
+                copy_index(directory, copy)
+                for _attempt in range(2):  # the second start: as after a restart
+                    server, result = measure_start(ctx, lambda: ctx.servers.start_script(
+                        ctx.before, copy, wait=False), timeout)
+                    ctx.servers.stop(server, remove_dir=False)
+                add("before_ready", result["ready"])
+                add("before_reconciled", result["reconciled"])
+                add("before_anon_per_blob", (result["anon_kb"][0] - empty_anon) * 1024.0 / count)
+                add("before_hwm", result["hwm_kb"] / 1024.0)
+                add("before_written", result["written"] / MB)
+                log("scale before %s run %d: ready %.2f s, reconciled %s s, %.0f B/blob, "
+                    "wrote %.0f MB" % (label, run + 1, result["ready"], result["reconciled"],
+                                       (result["anon_kb"][0] - empty_anon) * 1024.0 / count,
+                                       result["written"] / MB))
+                os.unlink(os.path.join(copy, "blob"))
+                shutil.rmtree(copy, ignore_errors=True)
+        generated = os.path.join(ctx.workdir, "scale-journals-%s" % label)
+        shutil.copytree(os.path.join(directory, "index"), generated)
+        for run in range(ctx.runs):
+            # Cold: the journals as generated, no snapshot.
+            shutil.rmtree(os.path.join(directory, "index"))
+            shutil.copytree(generated, os.path.join(directory, "index"))
+            server, cold = measure_start(ctx, lambda: ctx.servers.start(
+                directory=directory, wait=False), timeout)
+            ctx.servers.stop(server, remove_dir=False)  # writes the snapshot
+            add("cold_ready", cold["ready"])
+            add("cold_reconciled", cold["reconciled"])
+            for attempt in range(2):  # the second: nothing left to fold
+                server, warm = measure_start(ctx, lambda: ctx.servers.start(
+                    directory=directory, wait=False), timeout)
+                if attempt == 0:
+                    ctx.servers.stop(server, remove_dir=False)
+            snapshot = os.path.getsize(os.path.join(directory, "index", "snapshot.bin"))
+            add("ready", warm["ready"], blobs=warm["blobs"])
+            add("reconciled", warm["reconciled"])
+            add("anon_per_blob", (warm["anon_kb"][0] - empty_anon) * 1024.0 / count)
+            add("shared_per_blob", snapshot / float(count))
+            add("hwm", warm["hwm_kb"] / 1024.0)
+            add("written", warm["written"] / MB)
+            if run == 0:
+                md5 = hashlib.md5(b"http_bucket bench blob %d\n" % (count // 2)).hexdigest()
+                load = load_requests(ctx, server, "HEAD", "/checksum/" + md5, 16, 5)
+                add("head_md5", load.rate)
+                if load.failed:
+                    figures.note("scale_head_md5_%s" % label, "%d failed" % load.failed)
+            ctx.servers.stop(server, remove_dir=False)
+            server, workers = measure_start(ctx, lambda: ctx.servers.start(
+                directory=directory, extra_args=("--workers", "2"), wait=False), timeout)
+            ctx.servers.stop(server, remove_dir=False)
+            children = list(zip(workers["anon_kb"], workers["pss_kb"]))[1:]
+            add("workers_anon", statistics.mean(anon for anon, _ in children) / 1024.0)
+            add("workers_pss", statistics.mean(pss for _, pss in children) / 1024.0)
+            log("scale %s run %d: cold ready %.2f s, reconciled %s s; from the snapshot ready "
+                "%.2f s, reconciled %s s, %.1f B/blob private + %.1f shared, wrote %.1f MB; "
+                "workers %s" % (label, run + 1, cold["ready"], cold["reconciled"],
+                                warm["ready"], warm["reconciled"],
+                                (warm["anon_kb"][0] - empty_anon) * 1024.0 / count,
+                                snapshot / float(count), warm["written"] / MB, children))
+        figures.note("scale_anon_per_blob_%s" % label, "empty server: %.1f MiB RssAnon"
+                     % (empty_anon / 1024.0))
+        shutil.rmtree(generated, ignore_errors=True)
+    bench_scale_dfs(ctx)
+
+
+def bench_scale_dfs(ctx):
+    """The same reconcile on the GlusterFS volume of ../shared/dfs (root only)."""
+    count = ctx.sizes["dfs_blobs"]
+    label = scale_label(count)
+    key = "scale_dfs_reconciled_%s" % label
+    figures = ctx.figures
+    figures.define(key, "scale, GlusterFS, %s blobs: start to reconciled, from the snapshot"
+                   % label, "s", ("max", 60 * count / 1000000.0),
+                   "≤ %g s (60 s per 1M)" % (60 * count / 1000000.0), digits=2)
+    figures.define(key + "_cold", "scale, GlusterFS, %s blobs: start to reconciled, no snapshot "
+                   "(the whole blob tree listed)" % label, "s", digits=2)
+    mounted = os.path.ismount("/mnt/dfs-a")
+    if not mounted:
+        if os.getuid() != 0 or not os.path.exists(os.path.join(DFS_DIR, "dfs-up.sh")):
+            figures.note(key, "skipped: not root, or no ../shared/dfs")
+            return
+        run = subprocess.run(["bash", os.path.join(DFS_DIR, "dfs-up.sh")],
+                             capture_output=True, timeout=600)
+        if run.returncode != 0:
+            figures.note(key, "skipped: dfs-up.sh failed")
+            log("dfs-up.sh failed: %s" % run.stderr.decode(errors="replace")[-500:])
+            return
+    directory = tempfile.mkdtemp(prefix="bench-scale-", dir="/mnt/dfs-a")
+    try:
+        started = time.monotonic()
+        generate_store(directory, count)
+        log("scale dfs: generated %d blobs on GlusterFS in %.1f s"
+            % (count, time.monotonic() - started))
+        timeout = max(600.0, count / 100.0)
+        for run in range(ctx.runs):
+            server, cold = measure_start(ctx, lambda: ctx.servers.start(
+                directory=directory, wait=False), timeout)
+            ctx.servers.stop(server, remove_dir=False)
+            server, warm = measure_start(ctx, lambda: ctx.servers.start(
+                directory=directory, wait=False), timeout)
+            ctx.servers.stop(server, remove_dir=False)
+            if run == 0:
+                figures.add(key + "_cold", cold["reconciled"])
+            figures.add(key, warm["reconciled"])
+            log("scale dfs run %d: cold reconciled %s s, from the snapshot %s s"
+                % (run + 1, cold["reconciled"], warm["reconciled"]))
+    finally:
+        subprocess.run(["rm", "-rf", directory], timeout=1800)
+        if not mounted:
+            subprocess.run(["bash", os.path.join(DFS_DIR, "dfs-down.sh")],
+                           capture_output=True, timeout=300)
+
+
+# ===========================================================================
 # Driver
 # ===========================================================================
 
@@ -2572,6 +2845,8 @@ class Context:
         self.servers = servers
         self.figures = figures
         self.with_1m = args.with_1m
+        self.big = args.big
+        self.before = os.path.abspath(args.before) if args.before else None
         self.client = args.client
         self.big_file = self.big_sha256 = None
         self.copyparty_venv = args.copyparty_venv
@@ -2633,6 +2908,12 @@ def parse_args(argv):
     parser.add_argument("--json", default="bench-results.json", help="where to write results")
     parser.add_argument("--with-1m", action="store_true",
                         help="add the 1,000,000-blob startup case (minutes, ~1 GB of files)")
+    parser.add_argument("--big", action="store_true",
+                        help="the scale section adds a 10,000,000-blob store (~45 GB of "
+                        "disk for the blob files, an hour)")
+    parser.add_argument("--before", default=None, metavar="SCRIPT",
+                        help="the scale section also measures this older http_bucket.py "
+                        "on the same store (git show REV:http_bucket.py > old.py)")
     parser.add_argument("--only", default="", help="sections to run: %s (or letters %s)"
                         % (",".join(SECTIONS), ",".join(sorted(LETTERS))))
     parser.add_argument("--client", choices=("wrk", "python"), default=None,

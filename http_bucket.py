@@ -69,6 +69,7 @@ import base64
 import binascii
 import bz2
 import collections
+import concurrent.futures
 import datetime
 import email.utils
 import errno
@@ -79,6 +80,7 @@ import hashlib
 import heapq
 import hmac
 import html
+import http.client
 import importlib
 import itertools
 import json
@@ -89,8 +91,10 @@ import operator
 import os
 import posixpath
 import queue
+import random
 import re
 import secrets
+import select
 import shutil
 import signal
 import socket
@@ -103,6 +107,7 @@ import threading
 import time
 import traceback
 import urllib.parse
+import urllib.request
 import zipfile
 import zlib
 from http import HTTPStatus
@@ -212,6 +217,8 @@ SNAPSHOT_FILE = "snapshot.bin"      # the index as one file, in index/,
 SNAPSHOT_PREVIOUS = "snapshot.prev.bin"  # ... and the one before it
 SNAPSHOT_HEADER = 65536             # bytes: magic, JSON header (the journal
                                     # offsets it covers), padding
+SCAN_THREADS = 8                    # threads listing blob directories at
+                                    # startup (a listing waits on the disk)
 JOURNAL_BLOCK = 4 * 1024 * 1024     # bytes of a journal read at a time
 SNAPSHOT_MARGIN = 120.0             # seconds of its own journal a snapshot
                                     # leaves to be read again at startup:
@@ -586,6 +593,17 @@ def _scandirs(path):
     except FileNotFoundError:
         return []
 
+
+
+def _listings(path):
+    """[(path of a subdirectory of ``path``, the names in it)], sorted."""
+    found = []
+    for entry in _scandirs(path):
+        try:
+            found.append((entry.path, os.listdir(entry.path)))
+        except OSError:
+            pass  # gone meanwhile
+    return found
 
 
 def _return_free_memory():
@@ -2286,6 +2304,7 @@ class JournalSet:
         self.lock = threading.RLock()
         self.writing = threading.Lock()  # fcntl locks do not part threads
         self.names = sorted(store.algorithms)  # the digests of a B line, in order
+        self.scan_next = secrets.randbelow(256)  # the background scan's next blob/ab
 
     # -- startup ---------------------------------------------------------------
 
@@ -2534,54 +2553,85 @@ class JournalSet:
     # -- reconciling -------------------------------------------------------------
 
     def reconcile(self):
-        """After startup: what dead processes left in staging, blobs
-        without a record, then a snapshot and the compaction."""
+        """After startup: what dead processes left in staging; when the
+        index was rebuilt from the journals (no sound snapshot), the whole
+        blob tree scanned for blobs without a record; then a snapshot and
+        the compaction.  With a snapshot the tree is scanned in the
+        background instead, a ``blob/ab`` at a time (``scan_step``)."""
         store = self.store
         reclaimed = store.clear_dead_staging()
         if reclaimed:
             store.log("reclaimed %d blobs left without a name by a process that died "
                       "mid-upload" % reclaimed)
-        found = self.scan_blobs()
-        if found:
-            store.log("hashed %d blobs found without a record" % found)
+        if self.snapshot_id is None:
+            found = self.scan_blobs()
+            if found:
+                store.log("hashed %d blobs found without a record" % found)
         self.compact_journals()
+
+    def scan_step(self):
+        """One step of the background scan of the blob tree: the next
+        ``blob/ab`` (256 directory listings; a pass over the tree takes
+        256 steps, one every EVICT_INTERVAL: about 21 minutes)."""
+        levels = _scandirs(os.path.join(self.store.root, "blob"))
+        if not levels:
+            return 0
+        level = levels[self.scan_next % len(levels)]
+        self.scan_next = (self.scan_next + 1) % len(levels)
+        found = sum(self._check_listing(path, names) for path, names in _listings(level.path))
+        if found:
+            self.store.log("hashed %d blobs found without a record in blob/%s"
+                           % (found, level.name))
+        return found
 
     def scan_blobs(self):
         """Hash and keep the blobs no journal records (copied in by hand,
         or recorded only in a journal that was lost).
 
         Lists the ``blob/ab/cd`` directories (names only: a stat per blob
-        costs far more than a listing on a distributed filesystem), checks
-        each name against the index's keys of that directory (one range of
-        the sorted array), and yields to the request threads every few
-        directories."""
+        costs far more than a listing on a distributed filesystem), in
+        SCAN_THREADS threads (a listing waits on the filesystem, which on
+        GlusterFS takes milliseconds; a thread lists one ``blob/ab`` at a
+        time, a few ahead of the checking), and checks each name against
+        the index's keys of its directory (one range of the sorted array),
+        yielding to the request threads after each ``blob/ab``."""
+        root = os.path.join(self.store.root, "blob")
         found = 0
+        with concurrent.futures.ThreadPoolExecutor(SCAN_THREADS, "scan") as pool:
+            pending = collections.deque()
+            for level1 in _scandirs(root) + [None]:
+                if level1 is not None:
+                    pending.append(pool.submit(_listings, level1.path))
+                while pending and (level1 is None or len(pending) > 2 * SCAN_THREADS):
+                    for path, names in pending.popleft().result():
+                        found += self._check_listing(path, names)
+                    time.sleep(0)  # let requests run
+        return found
+
+    def _check_listing(self, path, names):
+        """Adopt the blobs of directory ``path`` (blob/ab/cd) not in the index."""
         blobs = self.store.blobs
+        try:
+            low = int(path[-5:-3] + path[-2:], 16) << 48
+        except ValueError:
+            return 0
+        base, delta = blobs.base, blobs.delta
+        keys, flags = base.keys, base.flags
+        start = bisect.bisect_left(keys, low)
+        end = bisect.bisect_left(keys, low + (1 << 48), start)
         usable = BlobIndex.RECORDED | BlobIndex.GONE
-        for number, level1 in enumerate(_scandirs(os.path.join(self.store.root, "blob"))):
-            for level2 in _scandirs(level1.path):
-                try:
-                    names = os.listdir(level2.path)
-                    low = int(level1.name + level2.name, 16) << 48
-                except (FileNotFoundError, ValueError):
-                    continue
-                base, delta = blobs.base, blobs.delta
-                keys, flags = base.keys, base.flags
-                start = bisect.bisect_left(keys, low)
-                end = bisect.bisect_left(keys, low + (1 << 48), start)
-                known = {keys[spot] for spot in range(start, end)
-                         if flags[spot] & usable == BlobIndex.RECORDED}
-                for name in names:
-                    try:
-                        key = int(name[:16], 16)
-                    except ValueError:
-                        continue
-                    if key in known and key not in delta or len(name) != 64 or \
-                            blobs.stored(key):
-                        continue
-                    if _HEX.match(name) and self._adopt(os.path.join(level2.path, name), name):
-                        found += 1
-            time.sleep(0)  # let requests run between directories
+        known = {keys[spot] for spot in range(start, end)
+                 if flags[spot] & usable == BlobIndex.RECORDED}
+        found = 0
+        for name in names:
+            try:
+                key = int(name[:16], 16)
+            except ValueError:
+                continue
+            if key in known and key not in delta or len(name) != 64 or blobs.stored(key):
+                continue
+            if _HEX.match(name) and self._adopt(os.path.join(path, name), name):
+                found += 1
         return found
 
     def _adopt(self, path, name):
@@ -2627,6 +2677,7 @@ class JournalSet:
         if due:
             self.wanted.clear()
             self.write_snapshot()
+        self.scan_step()
 
     def close(self):
         """At a clean shutdown: a snapshot of everything, when anything changed."""
@@ -7957,12 +8008,6 @@ class Handler(BaseHTTPRequestHandler):
 # (a name already holding the content is skipped), missing_digests asks the
 # batch lookup once per 10,000 digests, and push_item deploys present
 # content (no body) or uploads the rest, retried by RetryPolicy.
-
-import concurrent.futures  # noqa: E402  (the client's imports stay in its section,
-import http.client  # noqa: E402          so it merges apart from the server's)
-import random  # noqa: E402
-import select  # noqa: E402
-import urllib.request  # noqa: E402
 
 CLIENT_JOBS = 4                     # parallel transfers (-j, BUCKET_JOBS)
 CLIENT_RETRIES = 5                  # retries after the first attempt
