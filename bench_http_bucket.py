@@ -472,6 +472,10 @@ class Servers:
 
     def start(self, directory=None, extra_args=(), label="store", wait=True):
         directory = directory or self.fresh_dir(label)
+        if "--workers" not in extra_args:
+            # One process unless asked: its PID is the one whose memory and
+            # CPU the figures read.
+            extra_args = ("--workers", "1") + tuple(extra_args)
         server = Server(self.script, directory, extra_args, self.workdir)
         self.live.append(server)
         if wait:
@@ -1841,11 +1845,11 @@ LOOKUP_CONTENT = b"http_bucket benchmark lookup target\n"
 # flags (None: copyparty with its defaults).
 Side = collections.namedtuple("Side", "key title flags")
 SIDES = collections.OrderedDict((side.key, side) for side in (
-    Side("bucket", "http_bucket", []),
+    Side("bucket", "http_bucket --workers 1", ["--workers", "1"]),
     Side("copyparty", "copyparty", None),
     Side("bucket_nofsync", "http_bucket --fsync false", ["--fsync", "false"]),
     Side("bucket_sha256", "http_bucket --digests sha256", ["--digests", "sha256"]),
-    Side("bucket_workers", "http_bucket --workers auto", ["--workers", "auto"]),
+    Side("bucket_workers", "http_bucket --workers auto (the default)", ["--workers", "auto"]),
 ))
 
 

@@ -632,11 +632,25 @@ def _port(text):
     return value
 
 
+def usable_cores():
+    """Cores this process may use: its CPU affinity, lowered by a cgroup v2
+    CPU quota (``docker run --cpus 2`` on a 64-core host is 2)."""
+    cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+             else os.cpu_count() or 1)
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as handle:
+            quota, period = handle.read().split()[:2]
+        if quota != "max":
+            cores = min(cores, -(-int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
 def _workers(text):
-    """``auto`` (one per core) or a positive number of worker processes."""
+    """``auto`` (one per usable core) or a positive number of worker processes."""
     if str(text).strip().lower() == "auto":
-        return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                   else os.cpu_count() or 1)
+        return min(usable_cores(), MAX_WORKERS)
     value = int(text)
     if not 1 <= value <= MAX_WORKERS:
         raise ValueError("must be auto or 1 to %d" % MAX_WORKERS)
@@ -779,8 +793,9 @@ SETTINGS = [
             "FILE", "TLS certificate chain (PEM); enables HTTPS", False),
     Setting("keyfile", ("--keyfile",), "BUCKET_KEYFILE", "", _path_or_empty,
             "FILE", "TLS private key (PEM)", False),
-    Setting("workers", ("--workers",), "BUCKET_WORKERS", "1", _workers, "N|auto",
-            "server processes sharing the port and the store (auto: one per core)", False),
+    Setting("workers", ("--workers",), "BUCKET_WORKERS", "auto", _workers, "N|auto",
+            "server processes sharing the port and the store (auto: one per "
+            "usable core)", False),
     Setting("send_104", ("--send-104",), "BUCKET_SEND_104", "true", _bool, "BOOL",
             "announce a resumable upload with 104 before its final answer; false "
             "behind a proxy that cannot pass 1xx responses on (nginx)", False),

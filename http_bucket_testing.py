@@ -304,9 +304,13 @@ class ServerProcess:
     # -- life cycle --------------------------------------------------------------
 
     def command(self):
+        # One process unless the test asks for workers: what a test reads
+        # (its journal, its staging) is then in one place.
+        workers = [] if "--workers" in self.args or "BUCKET_WORKERS" in self.env \
+            else ["--workers", "1"]
         return ([sys.executable] + self.python_flags
                 + [SERVER_SCRIPT, str(self.port), "-b", self.bind, "-d", self.directory]
-                + self.args)
+                + workers + self.args)
 
     def start(self, reconciled=False, timeout=STARTUP_TIMEOUT):
         """Start a run and wait until /healthz has index_ready (and

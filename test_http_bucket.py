@@ -649,6 +649,21 @@ class CommandLineTest(unittest.TestCase):
         for setting in getattr(http_bucket, "SETTINGS", ()):
             self.assertIn(setting.env, done.stdout, setting.env)
 
+    def test_readme_settings_table_lists_every_setting_with_its_default(self):
+        with open(os.path.join(os.path.dirname(SERVER_SCRIPT), "README.md"), encoding="utf-8") as handle:
+            text = handle.read()
+        table = text[text.index("Generated from http_bucket.SETTINGS"):]
+        table = table[:table.index("\n\n")]
+        cells = [re.split(r"(?<!\\)\|", row) for row in table.splitlines() if row.startswith("| ")]
+        rows = {row[2].strip(" `"): row for row in cells if len(row) >= 6}
+        for setting in http_bucket.SETTINGS:
+            row = rows.get(setting.env)
+            self.assertIsNotNone(row, "README settings table lacks %s" % setting.env)
+            self.assertTrue(any(flag in row[1] for flag in setting.flags)
+                            or not setting.flags[0].startswith("-"), row)
+            default = "`%s`" % setting.default if setting.default else "(none)"
+            self.assertIn(default, row[3], row)
+
     def assertRefused(self, setting, *args, env=None):
         port = str(free_port())
         done = self.run_server(*(args or (port,)) + ("-b", "127.0.0.1", "-d", "store"), env=env)
