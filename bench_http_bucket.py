@@ -1978,10 +1978,11 @@ def start_side(ctx, side, label):
 
 
 def stored_files(server):
-    """Files the server holds: http_bucket's blob count, or copyparty's volume listing."""
+    """Files the server holds: http_bucket's blobs on disk (with workers, one
+    worker's /healthz counts what that one knows so far), or copyparty's
+    volume listing."""
     if server.name == "http_bucket":
-        health = server.healthz()
-        return health and health.get("blobs")
+        return sum(len(files) for _, _, files in os.walk(os.path.join(server.directory, "blob")))
     return sum(1 for entry in os.scandir(server.directory)
                if entry.is_file() and not entry.name.startswith("."))
 
