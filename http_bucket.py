@@ -7134,6 +7134,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def health(self):
         store = self.server.store
+        if store.reconciled.is_set():
+            store.refresh_journals()  # count what other processes stored too
         free, floor = store.space(fresh=True)
         counters = self.server.counters  # with workers: all of them
         return {"status": "degraded" if free < floor else "ok",

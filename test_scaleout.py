@@ -46,6 +46,11 @@ class SharedDirectoryTests(unittest.TestCase):
         reply = self.b.request("GET", "/checksum/" + hashlib.md5(content).hexdigest())
         self.assertEqual((reply.status, reply.body), (200, content))
 
+    def test_health_counts_what_every_process_stored(self):
+        before = self.b.request("GET", "/healthz").json()["blobs"]
+        self.assertEqual(self.a.request("PUT", "/upload/counted.bin", os.urandom(700)).status, 201)
+        self.assertEqual(self.b.request("GET", "/healthz").json()["blobs"], before + 1)
+
     def test_concurrent_identical_uploads_make_one_blob(self):
         content = os.urandom(3 * 1024 * 1024)
         sha256 = hashlib.sha256(content).hexdigest()
