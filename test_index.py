@@ -8,6 +8,7 @@ snapshot and journals, workers mapping one snapshot, and the nginx recipe
 of the README (skipped, saying so, where Debian's nginx is not installed).
 """
 
+import fcntl
 import hashlib
 import json
 import os
@@ -457,6 +458,30 @@ class SharedSnapshotTest(ServerCase):
                     found.add((int(fields[4]), line.rstrip().endswith("(deleted)")))
         return found
 
+    def test_an_index_read_from_the_journals_gets_a_snapshot_after_a_busy_lock(self):
+        server = self.server()
+        server.start()
+        for number in range(5):
+            self.put(server, "j%d" % number, os.urandom(500))
+        self.assertEqual(server.stop(), 0)
+        index = os.path.join(self.directory, "index")
+        for name in ("snapshot.bin", "snapshot.prev.bin"):
+            os.unlink(os.path.join(index, name))
+        # Another process (this test) writes a snapshot while the server
+        # starts: the one it owes after reading the journals must come later.
+        lock = os.open(os.path.join(index, "snapshot.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(lock, fcntl.LOCK_EX)
+            server.args += ["--snapshot-interval", "1"]
+            server.start(reconciled=True)
+            self.assertFalse(os.path.exists(os.path.join(index, "snapshot.bin")))
+        finally:
+            os.close(lock)
+        snapshot = os.path.join(index, "snapshot.bin")
+        wait_until(lambda: os.path.exists(snapshot), POLL_TIMEOUT, what="the owed snapshot")
+        wait_until(lambda: self.mapped(server.proc.pid) == {(os.stat(snapshot).st_ino, False)},
+                   POLL_TIMEOUT, what="the server mapping its snapshot")
+
     def test_workers_map_one_snapshot_and_follow_a_new_one(self):
         server = self.server("--workers", "2")
         server.start()
@@ -470,10 +495,22 @@ class SharedSnapshotTest(ServerCase):
         self.assertEqual(len(workers), 2)
         snapshot = os.path.join(self.directory, "index", "snapshot.bin")
 
+        seen = {}
+
         def both_map_the_file():
-            inode = os.stat(snapshot).st_ino
-            return all(self.mapped(pid) == {(inode, False)} for pid in workers)
-        wait_until(both_map_the_file, POLL_TIMEOUT, what="both workers mapping snapshot.bin")
+            seen["file"] = inode = os.stat(snapshot).st_ino
+            seen["workers"] = [self.mapped(pid) for pid in workers]
+            return all(mapped == {(inode, False)} for mapped in seen["workers"])
+
+        def wait_for_both(what):
+            try:
+                wait_until(both_map_the_file, POLL_TIMEOUT, what=what)
+            except AssertionError as exc:
+                raise AssertionError("%s; snapshot.bin is inode %s, the workers map "
+                                     "(inode, deleted) %s; server log: %s"
+                                     % (exc, seen["file"], seen["workers"],
+                                        server.log_text()[-3000:])) from None
+        wait_for_both("both workers mapping snapshot.bin")
         before = os.stat(snapshot).st_ino
         more = [os.urandom(1000) for _ in range(30)]
         for number, data in enumerate(more):
@@ -481,7 +518,7 @@ class SharedSnapshotTest(ServerCase):
         # One of them writes a new snapshot within a second or so; both map it.
         wait_until(lambda: os.stat(snapshot).st_ino != before, POLL_TIMEOUT,
                    what="a new snapshot")
-        wait_until(both_map_the_file, POLL_TIMEOUT, what="both workers mapping the new one")
+        wait_for_both("both workers mapping the new one")
         for data in blobs + more:  # each connection may meet either worker
             for algorithm in ("md5", "sha512"):
                 self.assertTrue(self.found(server, digests_of(data)[algorithm]))

@@ -9,10 +9,11 @@ import concurrent.futures
 import hashlib
 import os
 import shutil
+import socket
 import tempfile
 import unittest
 
-from http_bucket_testing import files_under, start_server
+from http_bucket_testing import POLL_TIMEOUT, files_under, start_server, wait_until
 
 FSYNC_OFF = ("--fsync", "false")  # speed: no test here outlives a power loss
 
@@ -115,6 +116,35 @@ class SharedDirectoryWorkersTests(SharedDirectoryTests):
         cls.tmp = tempfile.mkdtemp()
         cls.a = start_server(cls.tmp, *FSYNC_OFF, "--workers", "2")
         cls.b = start_server(cls.tmp, *FSYNC_OFF, "--workers", "2")
+
+    @unittest.skipUnless(len(os.sched_getaffinity(0)) >= 2, "needs two cores")
+    def test_each_worker_on_a_core_of_its_own_hashing_on_all(self):
+        cores = sorted(os.sched_getaffinity(0))
+        workers = self.a.worker_pids()
+        self.assertEqual(sorted(os.sched_getaffinity(pid) for pid in workers),
+                         [{cores[0]}, {cores[1]}])
+        # A body past SMALL_BODY is hashed by threads free to use every core:
+        # while one is half sent, some thread of a worker may run anywhere.
+        content = os.urandom(12 * 1024 * 1024)
+        half = len(content) // 2
+        with socket.create_connection(("127.0.0.1", self.a.port), timeout=30) as client:
+            client.sendall(b"PUT /upload/big.bin HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n"
+                           b"Connection: close\r\n\r\n" % len(content) + content[:half])
+
+            def threads_on_every_core():
+                return any(os.sched_getaffinity(int(task)) == set(cores)
+                           for pid in workers for task in os.listdir("/proc/%d/task" % pid))
+            wait_until(threads_on_every_core, POLL_TIMEOUT, what="a digest thread on every core")
+            client.sendall(content[half:])
+            answer = b""
+            while True:  # Connection: close: the answer ends where the stream does
+                data = client.recv(65536)
+                if not data:
+                    break
+                answer += data
+        self.assertTrue(answer.startswith(b"HTTP/1.1 201"), answer[:200])
+        digest = hashlib.sha512(content).hexdigest()
+        self.assertEqual(self.b.request("HEAD", "/checksum/" + digest).status, 200)
 
 
 @unittest.skipUnless(os.environ.get("HTTP_BUCKET_DFS") == "1"
