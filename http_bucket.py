@@ -2262,13 +2262,16 @@ def write_snapshot(path, base, offsets, extra, sections=()):
 def read_snapshot(path, aliases):
     """(IndexBase mapped from ``path``, header, {section: memoryview}) or
     None when there is no such file; raises ValueError for one that is
-    torn, damaged or made for other digests (the caller falls back)."""
+    torn, damaged or made for other digests (the caller falls back).
+    ``header["file_id"]`` is the _file_id of the file mapped (``path`` may
+    name a newer one by the time this returns)."""
     try:
         handle = open(path, "rb")
     except FileNotFoundError:
         return None
     with handle:
-        size = os.fstat(handle.fileno()).st_size
+        st = os.fstat(handle.fileno())
+        size = st.st_size
         if size < SNAPSHOT_HEADER:
             raise ValueError("shorter than its header")
         mapping = mmap.mmap(handle.fileno(), size, access=mmap.ACCESS_READ)
@@ -2301,6 +2304,7 @@ def read_snapshot(path, aliases):
         base = IndexBase(keys, used, flags, table, int(header["count"]), int(header["bytes"]))
         if not isinstance(header["offsets"], dict):
             raise ValueError("no journal offsets")
+        header["file_id"] = (st.st_ino, st.st_mtime_ns, st.st_size)
         return base, header, views
     except (ValueError, KeyError, TypeError, IndexError) as exc:
         raise ValueError(str(exc) or exc.__class__.__name__)
@@ -2418,7 +2422,7 @@ class JournalSet:
                 continue
             self.install(base, views, offsets)
             if path == self.snapshot_path:
-                self.snapshot_id = _file_id(path)
+                self.snapshot_id = header["file_id"]
             note = "; ".join(problems + ["snapshot %s of %d blobs" % (
                 os.path.basename(path), len(base.keys))])
             return note
@@ -2753,7 +2757,7 @@ class JournalSet:
         if found is None:
             return False
         self.store.blobs.adopt(found[0], tracked)
-        self.snapshot_id = current
+        self.snapshot_id = found[1]["file_id"]
         return True
 
     def compact_journals(self):

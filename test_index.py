@@ -21,6 +21,7 @@ import tempfile
 import textwrap
 import time
 import unittest
+import unittest.mock
 
 from http_bucket_testing import (
     POLL_TIMEOUT, ServerProcess, assert_store_consistent, blob_path, digests_of,
@@ -249,6 +250,27 @@ class SnapshotStoreTest(unittest.TestCase):
         self.assertIn("snapshot snapshot.bin of", self.startup_line())
         self.check(again, made)
         self.assertEqual(again.blobs.delta, {}, "nothing read after the snapshot")
+        self.close(again)
+
+    def test_a_snapshot_replaced_while_it_is_read_is_followed(self):
+        store = self.open_store()
+        made = self.fill(store)
+        self.close(store)
+        path = os.path.join(self.directory, "index", "snapshot.bin")
+        original = http_bucket.read_snapshot
+
+        def read_then_replace(*args):
+            found = original(*args)  # another process writes a newer one now
+            shutil.copyfile(path, path + ".new")
+            os.replace(path + ".new", path)
+            return found
+        with unittest.mock.patch.object(http_bucket, "read_snapshot", read_then_replace):
+            again = self.open_store(reconcile=False)
+        self.assertNotEqual(again.journals.snapshot_id, http_bucket._file_id(path),
+                            "the id of the file it mapped, not of the newer one")
+        self.assertTrue(again.journals.follow_snapshot())
+        self.assertEqual(again.journals.snapshot_id, http_bucket._file_id(path))
+        self.check(again, made)
         self.close(again)
 
     def test_damaged_snapshot_falls_back_then_rebuilds(self):

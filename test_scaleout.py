@@ -131,8 +131,14 @@ class SharedDirectoryWorkersTests(SharedDirectoryTests):
             client.sendall(b"PUT /upload/big.bin HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n"
                            b"Connection: close\r\n\r\n" % len(content) + content[:half])
 
+            def affinity(task):
+                try:
+                    return os.sched_getaffinity(task)
+                except OSError:  # the thread ended meanwhile
+                    return set()
+
             def threads_on_every_core():
-                return any(os.sched_getaffinity(int(task)) == set(cores)
+                return any(affinity(int(task)) == set(cores)
                            for pid in workers for task in os.listdir("/proc/%d/task" % pid))
             wait_until(threads_on_every_core, POLL_TIMEOUT, what="a digest thread on every core")
             client.sendall(content[half:])
