@@ -182,6 +182,11 @@ SHUTDOWN_GRACE = 30.0               # seconds SIGTERM waits for uploads
 MAX_WORKERS = 64                    # worker processes at most (--workers)
 WORKER_RESTART_MAX = 30.0           # seconds at most between restarts of a
                                     # worker that keeps dying
+LINGER_SECONDS = 2.0                # an answer sent before the body was read:
+LINGER_BYTES = 64 * 1024 * 1024     # the rest is read and dropped for this
+                                    # long at most, so the client reads the
+                                    # answer instead of a reset (nginx's
+                                    # lingering close)
 MIN_BODY_RATE = 16 * 1024           # bytes/s a body must average over each
                                     # read (beyond --timeout): a client
                                     # dripping a byte per second is dropped
@@ -6813,9 +6818,34 @@ class Handler(BaseHTTPRequestHandler):
     def finish(self):
         try:
             super().finish()
+            if getattr(self, "linger", False) and not isinstance(self.connection, ssl.SSLSocket):
+                self.linger_close()
         finally:
             if isinstance(self.connection, ssl.SSLSocket):
                 self.connection.close()  # wrapped here: shutdown_request has the raw one
+
+    def linger_close(self):
+        """The answer went out before the body was read (a 413, a 507
+        mid-body): end the sending side, then read and drop what the client
+        still sends, for LINGER_SECONDS or LINGER_BYTES at most.  Closing
+        with unread bytes would send a reset, and a client still sending
+        would see "connection reset" instead of the answer."""
+        sock = self.connection
+        deadline = time.monotonic() + LINGER_SECONDS
+        dropped = 0
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            while dropped < LINGER_BYTES:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                sock.settimeout(min(left, 0.5))
+                data = sock.recv(CHUNK_SIZE)
+                if not data:
+                    break
+                dropped += len(data)
+        except OSError:
+            pass  # gone, or silent for 0.5 s
 
     def handle(self):
         if self.handshake_error is not None:
@@ -6991,7 +7021,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def send_head_lines(self, status, headers):
         if self.body_unread():
-            self.close_connection = True
+            self.close_connection = self.linger = True
         lines = ["HTTP/1.1 %d %s" % (status, _STATUS_PHRASES.get(status, "Unknown")),
                  "Server: " + self.server_version, "Date: " + cached_http_date()]
         for name, value in headers.items():

@@ -43,8 +43,8 @@ import zipfile
 
 from http_bucket_testing import (
     POLL_TIMEOUT, SERVER_SCRIPT, assert_staging_empty, assert_store_consistent, b64,
-    clean_environment, files_under, file_part, free_port, multipart_body, reply_of,
-    sha256_file, start_server, wait_until)
+    clean_environment, files_under, file_part, free_port, multipart_body, read_raw_response,
+    reply_of, sha256_file, start_server, wait_until)
 
 MIB = 1024 * 1024
 FSYNC_OFF = ("--fsync", "false")  # speed; kill -9 keeps the page cache anyway
@@ -572,6 +572,21 @@ class MaxConnectionsTests(HardeningCase):
             sock.close()
             return None
         return wait_until(accepted, 10, 0.05, what="a connection under the cap")
+
+
+class EarlyAnswerTests(HardeningCase):
+    """An answer sent before the body was read reaches a client still sending."""
+
+    def test_a_413_before_the_body_is_read_by_a_client_still_sending(self):
+        server = self.start_server(None, "--max-content-length", "1mb")
+        body = os.urandom(8 * 1024 * 1024)  # more than the socket buffers hold
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(b"PUT /upload/big.bin HTTP/1.1\r\nHost: t\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(body))
+            sock.sendall(body)  # a reset would end this (the server closed unread)
+            reply = read_raw_response(sock.makefile("rb"))
+        self.assertRefusal(reply, 413, "MAX_CONTENT_LENGTH")
+        self.assertEqual(server.request("GET", "/healthz").status, 200)
 
 
 class MaxConnectionsWorkersTests(MaxConnectionsTests):
