@@ -21,30 +21,32 @@ The map: sections in order, each using only those above it.
 4. Configuration -- SETTINGS (flag, variable, default, parser), Config.
 5. Request bodies -- BodyReader (Content-Length, chunked), MultipartParser
    (sans-IO, events), multipart_boundary.
-6. Store -- Digester (all digests in one pass), StagedBlob (hash while
-   writing), Journal (per-process record), IndexBase and BlobIndex (the
-   memory: digests, pins, keep marks, last uses, totals), RemovedBlobs
-   (why blobs went), the snapshot (write_snapshot, read_snapshot),
-   JournalSet (replay, reconcile, snapshots, compaction), Transaction
-   (undo log and commit point), Store (blobs, names, space, reclaiming).
-7. Archives -- sniff, guess_mime, Budget (expansion limits), TreeBuilder,
+6. Blobs on the way in -- Digester (all digests in one pass), StagedBlob
+   (hash while writing), Journal (per-process record).
+7. Index -- IndexBase and BlobIndex (the memory: digests, pins, keep
+   marks, last uses, totals), BulkLoad (a cold load), RemovedBlobs (why
+   blobs went), the snapshot (write_snapshot, read_snapshot), JournalSet
+   (replay, reconcile, snapshots, compaction).
+8. Store -- Transaction (undo log and commit point), Store (blobs, names,
+   space, reclaiming).
+9. Archives -- sniff, guess_mime, Budget (expansion limits), TreeBuilder,
    expand_zip/expand_tar, Expander (decompressed blob, explode tree).
-8. Organizing -- ReplicaTemplate and make_replicas, retention, Sweeper
-   (expiry), Evictor (size cap and free-space floor, LRU).
-9. Uploads log -- parse_metadata, UploadQuery, UploadsLog (a JSON line per
-   upload, per process, read backwards).
-10. Upload transaction -- Incoming, Received, StoredFile, UploadTransaction.
-11. Resumable uploads -- PartialUpload (resumable/<token>/ on disk),
+10. Organizing -- ReplicaTemplate and make_replicas, retention, Sweeper
+    (expiry), Evictor (size cap and free-space floor, LRU).
+11. Uploads log -- parse_metadata, UploadQuery, UploadsLog (a JSON line per
+    upload, per process, read backwards).
+12. Upload transaction -- Incoming, Received, StoredFile, UploadTransaction.
+13. Resumable uploads -- PartialUpload (resumable/<token>/ on disk),
     Resumables (their hash states and turns).
-12. HTTP pieces -- Headers, ChunkedWriter, stated_digests, receipts,
+14. HTTP pieces -- Headers, ChunkedWriter, stated_digests, receipts,
     listings, folder archives.
-13. The web page -- PAGE_CSS, PAGE_JS (cached assets), page_html and the
+15. The web page -- PAGE_CSS, PAGE_JS (cached assets), page_html and the
     renderers: home, listings, the uploads log, the token form.
-14. HTTP handler -- Handler: request head, the one dispatcher, routes.
-15. Client: push and pull -- Remote (http.client, proxies, TLS), RetryPolicy,
+16. HTTP handler -- Handler: request head, the one dispatcher, routes.
+17. Client: push and pull -- Remote (http.client, proxies, TLS), RetryPolicy,
     Progress, push (collect_sources, hash_items, missing_digests, push_item,
     ResumableUpload), pull (pull_items, local_path, Download), client_main.
-16. Server and command line -- Reaper, BucketServer, load_config, main.
+18. Server and command line -- Reaper, BucketServer, load_config, main.
 
 The path of an upload: Handler.dispatch routes ``PUT /upload/<name>`` to
 route_put_upload; receive_raw checks the stated digests, reads the body
@@ -1225,7 +1227,7 @@ def multipart_boundary(content_type):
 
 
 # ===========================================================================
-# Store: hashing while writing, staging, blobs, the journal, the index
+# Blobs on the way in: hashing while writing, staging, the journal
 # ===========================================================================
 
 
@@ -1540,6 +1542,12 @@ def parse_journal_line(line):
 def _forever(fields):
     """True for the fields of a P record that pins with no retention."""
     return len(fields) < 2 or fields[1] in ("0", "0.0", "0.000")
+
+
+# ===========================================================================
+# Index: digest prefixes in sorted arrays and a delta, the snapshot file,
+# the journals read back (JournalSet)
+# ===========================================================================
 
 
 def digest_key(hexdigest):
@@ -2879,6 +2887,11 @@ class JournalSet:
                 self.offsets.pop(path, None)
                 folded += 1
         return folded
+
+
+# ===========================================================================
+# Store: the directory -- blobs, names, space, reclaiming, one undo log
+# ===========================================================================
 
 
 class Transaction:
@@ -6760,6 +6773,7 @@ class Handler(BaseHTTPRequestHandler):
     def setup(self):
         self.timeout = self.server.config.timeout or None
         self.handshake_error = None
+        self.linger = False  # an answer went out before its body was read
         if self.server.ssl_context is not None:
             self.start_tls()
         super().setup()
@@ -6818,7 +6832,7 @@ class Handler(BaseHTTPRequestHandler):
     def finish(self):
         try:
             super().finish()
-            if getattr(self, "linger", False) and not isinstance(self.connection, ssl.SSLSocket):
+            if self.linger and not isinstance(self.connection, ssl.SSLSocket):
                 self.linger_close()
         finally:
             if isinstance(self.connection, ssl.SSLSocket):

@@ -47,6 +47,7 @@ import contextlib
 import errno
 import hashlib
 import http.client
+import io
 import json
 import os
 import re
@@ -60,6 +61,7 @@ import threading
 import time
 import unittest
 import urllib.parse
+import zipfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
@@ -157,6 +159,19 @@ def files_under(path, relative=False):
 def digests_of(data, algorithms=ALL_DIGESTS):
     """{algorithm: hex digest} of ``data``."""
     return {name: hashlib.new(name, data).hexdigest() for name in algorithms}
+
+
+def sha256(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def zip_of(members, compression=zipfile.ZIP_STORED):
+    """The bytes of a zip archive of ``members`` ({name: content})."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression) as archive:
+        for name, content in members.items():
+            archive.writestr(name, content)
+    return buffer.getvalue()
 
 
 def sha256_file(path):

@@ -11,7 +11,6 @@ and lzma; what the server stored is reopened from ARCHIVE_DIR and hashed.
 
 import bz2
 import gzip
-import hashlib
 import http.client
 import io
 import json
@@ -31,19 +30,15 @@ import urllib.parse
 import warnings
 import zipfile
 
-from http_bucket_testing import (
-    CURL, DEFAULT_DIGESTS, POLL_TIMEOUT, SERVER_SCRIPT, ServerProcess, assert_staging_empty,
-    blob_path, clean_environment, digests_of, file_part, files_under, free_port,
-    multipart_body, tree_path, wait_until)
+from http_bucket_testing import (CURL, DEFAULT_DIGESTS, POLL_TIMEOUT, SERVER_SCRIPT,
+                                 ServerProcess, assert_staging_empty, blob_path,
+                                 clean_environment, digests_of, file_part, files_under,
+                                 free_port, multipart_body, sha256, tree_path, wait_until)
 
 
 # ---------------------------------------------------------------------------
 # Helpers: content and archives
 # ---------------------------------------------------------------------------
-
-
-def sha256(data):
-    return hashlib.sha256(data).hexdigest()
 
 
 def unique(label="data", size=0):

@@ -13,33 +13,17 @@ sha256sum line, log in with a token -- and the page must stay readable at
 390 px, in dark mode, and with a file named like an HTML tag.
 """
 
-import hashlib
-import io
-import json
 import os
 import shutil
 import tempfile
 import unittest
-import zipfile
 
-from http_bucket_testing import (POLL_TIMEOUT, Browser, ServerProcess, assert_store_consistent,
-                                 save_screenshot, wait_until)
+from http_bucket_testing import (Browser, POLL_TIMEOUT, ServerProcess, assert_store_consistent,
+                                 save_screenshot, sha256, wait_until, zip_of)
 
 FSYNC_OFF = ("--fsync", "false")  # speed: no test here outlives a power loss
 XSS_NAME = "<img src=x onerror=alert(1)>.txt"
 WAIT_MS = 20000                    # a page condition (an upload, a reload) may take this long
-
-
-def sha256(data):
-    return hashlib.sha256(data).hexdigest()
-
-
-def zip_of(members):
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        for name, content in members.items():
-            archive.writestr(name, content)
-    return buffer.getvalue()
 
 
 class BrowserTestCase(unittest.TestCase):

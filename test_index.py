@@ -24,16 +24,12 @@ import unittest
 import unittest.mock
 
 from http_bucket_testing import (
-    POLL_TIMEOUT, ServerProcess, assert_store_consistent, blob_path, digests_of,
-    free_port, wait_until)
+    POLL_TIMEOUT, ServerProcess, assert_store_consistent, blob_path, digests_of, free_port,
+    sha256, wait_until)
 
 import http_bucket
 
 ALGORITHMS = ("md5", "sha256", "sha512")
-
-
-def sha256(data):
-    return hashlib.sha256(data).hexdigest()
 
 
 def fake_digests(seed):

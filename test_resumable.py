@@ -16,22 +16,16 @@ import hashlib
 import json
 import os
 import random
-import re
 import shutil
 import socket
 import tempfile
-import time
 import unittest
 
 from http_bucket_testing import (POLL_TIMEOUT, ServerProcess, assert_store_consistent,
-                                 read_raw_response, wait_until)
+                                 read_raw_response, sha256, wait_until)
 
 KIB = 1024
 MIB = 1024 * 1024
-
-
-def sha256(data):
-    return hashlib.sha256(data).hexdigest()
 
 
 def repr_digest(data):

@@ -13,7 +13,6 @@ linked while its blob is being evicted -- is placed exactly in-process.
 """
 
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -23,27 +22,14 @@ import tempfile
 import threading
 import time
 import unittest
-import zipfile
 
 import http_bucket
-from http_bucket_testing import (POLL_TIMEOUT, ServerProcess, assert_staging_empty,
-                                 assert_store_consistent, file_part, multipart_body,
-                                 read_raw_response, tree_path, wait_until)
+from http_bucket_testing import (POLL_TIMEOUT, ServerProcess, assert_store_consistent,
+                                 file_part, multipart_body, read_raw_response, sha256,
+                                 wait_until, zip_of)
 
 KIB = 1024
 MIB = 1024 * 1024
-
-
-def sha256(data):
-    return hashlib.sha256(data).hexdigest()
-
-
-def zip_of(members):
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
-        for name, content in members.items():
-            archive.writestr(name, content)
-    return buffer.getvalue()
 
 
 class LimitCase(unittest.TestCase):

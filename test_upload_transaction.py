@@ -19,12 +19,10 @@ import contextlib
 import errno
 import hashlib
 import io
-import json
 import os
 import re
 import shutil
 import socket
-import stat
 import subprocess
 import sys
 import tarfile
@@ -33,25 +31,12 @@ import unittest
 import zipfile
 
 import http_bucket
-from http_bucket_testing import (CURL, HERE, POLL_TIMEOUT, SERVER_SCRIPT, ServerProcess,
-                                 assert_staging_empty, assert_store_consistent, b64,
-                                 blob_path, clean_environment, digests_of, field_part,
+from http_bucket_testing import (HERE, SERVER_SCRIPT, ServerProcess, assert_staging_empty,
+                                 assert_store_consistent, b64, clean_environment, field_part,
                                  file_part, free_port, multipart_body, read_raw_response,
-                                 wait_until)
+                                 sha256, zip_of)
 
 MIB = 1024 * 1024
-
-
-def sha256(data):
-    return hashlib.sha256(data).hexdigest()
-
-
-def zip_of(members):
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        for name, content in members.items():
-            archive.writestr(name, content)
-    return buffer.getvalue()
 
 
 def journal_lines(directory):

@@ -12,31 +12,17 @@ in-process with tiny blocks, so every line crosses a block boundary.
 """
 
 import hashlib
-import io
-import json
 import os
 import shutil
 import tempfile
 import time
 import unittest
 import urllib.parse
-import zipfile
 
 import http_bucket
 from http_bucket_testing import (POLL_TIMEOUT, ServerProcess, assert_store_consistent,
-                                 field_part, file_part, multipart_body, wait_until)
-
-
-def sha256(data):
-    return hashlib.sha256(data).hexdigest()
-
-
-def zip_of(members):
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        for name, content in members.items():
-            archive.writestr(name, content)
-    return buffer.getvalue()
+                                 field_part, file_part, multipart_body, sha256, wait_until,
+                                 zip_of)
 
 
 class LogServerCase(unittest.TestCase):
