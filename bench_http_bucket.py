@@ -39,8 +39,9 @@ stops it by its PID.  Sections (``--only`` takes their names or letters):
               connections with server CPU per upload; 512 MiB PUT and
               multipart by curl, the 3-digest ceiling in the same rounds, and
               the download right after; HEAD /checksum against copyparty's
-              GET of a small file; the same with --workers auto where
-              http_bucket has that flag.  Printed as a second table: each
+              GET of a small file.  http_bucket runs at its defaults
+              (--workers auto) for the goals and as one process
+              (--workers 1) beside them.  Printed as a second table: each
               goal of the issue as a ratio, met or MISSED
   f startup   10,000 and 100,000 stored blobs (1,000,000 with --with-1m)
   z scale     1,000,000 generated blobs (10,000,000 with --big): start to
@@ -260,22 +261,30 @@ def _stat_fields(pid):
         return None
 
 
-def cpu_seconds(pid):
-    """User + system CPU seconds of ``pid``, of its children it has reaped, and
-    of its live descendants (a server's worker processes): 0 if gone."""
+def process_tree(pid):
+    """``pid`` and its live descendants (a server's worker processes)."""
     children = collections.defaultdict(list)
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             fields = _stat_fields(int(entry))
             if fields:
                 children[int(fields[1])].append(int(entry))
-    ticks, pending = 0, [pid]
+    members, pending = [], [pid]
     while pending:
         member = pending.pop()
+        members.append(member)
+        pending.extend(children.get(member, ()))
+    return members
+
+
+def cpu_seconds(pid):
+    """User + system CPU seconds of ``pid``, of its children it has reaped, and
+    of its live descendants (a server's worker processes): 0 if gone."""
+    ticks = 0
+    for member in process_tree(pid):
         fields = _stat_fields(member)
         if fields:  # utime, stime, cutime, cstime (proc(5) fields 14-17)
             ticks += sum(int(field) for field in fields[11:15])
-        pending.extend(children.get(member, ()))
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
@@ -371,6 +380,12 @@ class Server:
     def status(self):
         return proc_status(self.pid)
 
+    def largest(self, field):
+        """The largest ``field`` (kB, e.g. VmHWM) among the server's processes:
+        with workers, the one that served a single large upload."""
+        return max([proc_status(member).get(field, 0) for member in process_tree(self.pid)]
+                   or [0])
+
     def cpu(self):
         return cpu_seconds(self.pid)
 
@@ -389,10 +404,11 @@ class Server:
     def start_sampling(self):
         """Sample VmRSS every 50 ms (a cross-check of VmHWM)."""
         self._sampling.set()
+        members = process_tree(self.pid)  # the server and its workers, listed once
 
         def sample():
             while self._sampling.is_set():
-                rss = self.status().get("VmRSS", 0)
+                rss = max([proc_status(member).get("VmRSS", 0) for member in members] or [0])
                 self.peak_sampled_kb = max(self.peak_sampled_kb, rss)
                 time.sleep(RSS_SAMPLE_SECONDS)
 
@@ -471,9 +487,9 @@ class Servers:
         os.makedirs(path)
         return path
 
-    def start(self, directory=None, extra_args=(), label="store", wait=True):
+    def start(self, directory=None, extra_args=(), label="store", wait=True, one_process=True):
         directory = directory or self.fresh_dir(label)
-        if "--workers" not in extra_args:
+        if one_process and "--workers" not in extra_args:
             # One process unless asked: its PID is the one whose memory and
             # CPU the figures read.
             extra_args = ("--workers", "1") + tuple(extra_args)
@@ -1843,14 +1859,18 @@ PIP_TIMEOUT = 600             # seconds for creating the venv or installing copy
 LOOKUP_CONTENT = b"http_bucket benchmark lookup target\n"
 
 # Each side of a comparison: a key for its rows, a title, and http_bucket's
-# flags (None: copyparty with its defaults).
+# flags (None: copyparty with its defaults).  The goals are measured at the
+# defaults ("bucket": --workers auto, said explicitly because Servers.start
+# otherwise asks for one process); "bucket_one" is the one-process server,
+# shown beside them.
 Side = collections.namedtuple("Side", "key title flags")
 SIDES = collections.OrderedDict((side.key, side) for side in (
-    Side("bucket", "http_bucket --workers 1", ["--workers", "1"]),
+    Side("bucket", "http_bucket (defaults: --workers auto)", ["--workers", "auto"]),
     Side("copyparty", "copyparty", None),
-    Side("bucket_nofsync", "http_bucket --fsync false", ["--fsync", "false"]),
-    Side("bucket_sha256", "http_bucket --digests sha256", ["--digests", "sha256"]),
-    Side("bucket_workers", "http_bucket --workers auto (the default)", ["--workers", "auto"]),
+    Side("bucket_one", "http_bucket --workers 1", ["--workers", "1"]),
+    Side("bucket_nofsync", "http_bucket --fsync false", ["--workers", "auto", "--fsync", "false"]),
+    Side("bucket_sha256", "http_bucket --digests sha256",
+         ["--workers", "auto", "--digests", "sha256"]),
 ))
 
 
@@ -1946,6 +1966,7 @@ def prepare_peers(ctx):
         log("copyparty: skipped (%s)" % exc)
     if not supports_flag(ctx.servers.script, "--workers"):
         peer["workers_missing"] = "n/a: --workers not supported by this http_bucket"
+        log("peers: this http_bucket has no --workers: every side runs one process")
 
 
 def peer_sides(ctx, *keys):
@@ -1954,8 +1975,8 @@ def peer_sides(ctx, *keys):
     for key in keys:
         if key == "copyparty" and not ctx.peer["python"]:
             continue
-        if key == "bucket_workers" and ctx.peer["workers_missing"]:
-            continue
+        if key == "bucket_one" and ctx.peer["workers_missing"]:
+            continue  # without --workers, "bucket" is already one process
         sides.append(SIDES[key])
     return sides
 
@@ -1966,13 +1987,11 @@ def start_side(ctx, side, label):
         server = ctx.servers.start_copyparty(ctx.peer["python"], label)
         routes = COPYPARTY_ROUTES
     else:
-        try:
-            server = ctx.servers.start(extra_args=side.flags, label=label)
-        except RuntimeError as exc:
-            if side.key != "bucket_workers":
-                raise
-            ctx.peer["workers_missing"] = "n/a: --workers auto did not start: %s" % exc
-            return None, None
+        flags = list(side.flags)
+        if ctx.peer["workers_missing"] and "--workers" in flags:
+            del flags[flags.index("--workers"):flags.index("--workers") + 2]
+        server = ctx.servers.start(extra_args=flags, label=label,
+                                   one_process="--workers" not in flags)
         routes = BUCKET_ROUTES
     server.wait_idle()
     return server, routes
@@ -1998,9 +2017,9 @@ def define_peer_row(ctx, key, figure, unit, digits=0):
 def peer_small(ctx, rounds):
     figures = ctx.figures
     count, size = ctx.sizes["peer_small_count"], ctx.sizes["small_size"]
-    plans = (("put", "PUT", peer_sides(ctx, "bucket", "copyparty", "bucket_nofsync",
-                                       "bucket_workers")),
-             ("multipart", "multipart", peer_sides(ctx, "bucket", "copyparty")))
+    plans = (("put", "PUT", peer_sides(ctx, "bucket", "copyparty", "bucket_one",
+                                       "bucket_nofsync")),
+             ("multipart", "multipart", peer_sides(ctx, "bucket", "copyparty", "bucket_one")))
     for mode, title, sides in plans:
         for side in sides:
             figure = "%d distinct %d KiB uploads, %s, 8 connections: %s" % (
@@ -2091,7 +2110,7 @@ def peer_large_once(ctx, side, mode, with_download):
         seconds, answer = curl_upload(server, routes, mode, path)
         cpu = server.cpu() - cpu_before
         server.stop_sampling()
-        hwm_kb = server.status().get("VmHWM", 0)
+        hwm_kb = server.largest("VmHWM")
         check_stored_digest(server, answer, digests)
         download = None
         if with_download:
@@ -2114,14 +2133,15 @@ def peer_large(ctx, rounds):
     figures = ctx.figures
     label = size_label(ctx.sizes["peer_big_bytes"])
     titles = {"put": "curl -T (PUT)", "multipart": "curl -F (multipart)"}
-    plan = ([("put", side) for side in peer_sides(ctx, "bucket", "copyparty", "bucket_sha256")]
+    plan = ([("put", side) for side in peer_sides(ctx, "bucket", "copyparty", "bucket_sha256",
+                                                  "bucket_one")]
             + [("multipart", side) for side in peer_sides(ctx, "bucket", "copyparty")])
     define_peer_row(ctx, "peer_ceiling_3digest", "ceiling: md5+sha256+sha512, 3 threads "
                     "(all cores), in each round", "MB/s")
     for mode, side in plan:
         define_peer_row(ctx, "peer_big_%s_%s" % (mode, side.key),
                         "%s upload, %s: %s" % (label, titles[mode], side.title), "MB/s")
-        if mode == "put" and side.key in ("bucket", "copyparty"):
+        if mode == "put" and side.key in ("bucket", "copyparty", "bucket_one"):
             define_peer_row(ctx, "peer_rss_big_put_%s" % side.key,
                             "peak RSS during the %s PUT: %s" % (label, side.title), "MiB",
                             digits=1)
@@ -2136,7 +2156,7 @@ def peer_large(ctx, rounds):
         # was deleted is slower (measured: whichever of PUT and multipart ran
         # first was 5-10 % behind), so no one side or mode always pays it.
         for mode, side in (plan if run % 2 == 0 else plan[::-1]):
-            with_download = mode == "put" and side.key in ("bucket", "copyparty")
+            with_download = mode == "put" and side.key in ("bucket", "copyparty", "bucket_one")
             result = peer_large_once(ctx, side, mode, with_download)
             figures.add("peer_big_%s_%s" % (mode, side.key), result["rate"],
                         server_cpu_s=result["cpu"])
@@ -2170,7 +2190,7 @@ def peer_lookups(ctx, rounds):
     figures, seconds = ctx.figures, ctx.sizes["head_seconds"]
     running = collections.OrderedDict()
     try:
-        for side in peer_sides(ctx, "bucket", "copyparty", "bucket_workers"):
+        for side in peer_sides(ctx, "bucket", "copyparty", "bucket_one"):
             server, routes = start_side(ctx, side, "peer-lookup-" + side.key)
             if server is not None:
                 running[side.key] = server, store_lookup_target(server, routes)
@@ -2181,8 +2201,8 @@ def peer_lookups(ctx, rounds):
         # copyparty's (correct) Content-Length announces; http_bucket's HEAD
         # says Content-Length: 0 (the size is in X-Blob-Size).
         cases = [(key, method, client) for key, method, client in (
-            ("bucket", "HEAD", None), ("bucket_workers", "HEAD", None), ("copyparty", "GET", None),
-            ("bucket", "GET", None), ("bucket", "HEAD", "python"),
+            ("bucket", "HEAD", None), ("bucket_one", "HEAD", None), ("copyparty", "GET", None),
+            ("bucket_one", "GET", None), ("bucket_one", "HEAD", "python"),
             ("copyparty", "HEAD", "python")) if key in running]
         for key, method, client in cases:
             define_peer_row(ctx, lookup_row(key, method, client), "%s of a %d-byte file, 16 "
@@ -2296,6 +2316,7 @@ def peer_rows(ctx):
     big = size_label(ctx.sizes["peer_big_bytes"])
     small = "%d KiB" % (ctx.sizes["small_size"] // 1024)
     workers = peer.get("workers_missing") or ""
+    one = "one process (--workers 1)"
     rows = [
         peer_row("1. %s distinct PUT, 8 keep-alive connections" % small, "uploads/s",
                  runs("peer_small_put_bucket"), runs("peer_small_put_copyparty"),
@@ -2315,33 +2336,43 @@ def peer_rows(ctx):
                  runs("peer_big_put_bucket"), runs("peer_ceiling_3digest"),
                  ("ratio", 0.9), label="ceiling"),
         peer_row("4. --workers auto: HEAD /checksum against GET of a small file", "req/s",
-                 runs("peer_head_bucket_workers"), runs("peer_get_copyparty"),
+                 runs("peer_head_bucket"), runs("peer_get_copyparty"),
                  ("ratio", 10.0), missing=workers),
         peer_row("4. --workers auto: %s distinct PUT" % small, "uploads/s",
-                 runs("peer_small_put_bucket_workers"), runs("peer_small_put_copyparty"),
+                 runs("peer_small_put_bucket"), runs("peer_small_put_copyparty"),
                  ("ratio", 1.3), missing=workers),
-        peer_row("5. HEAD /checksum against GET of a small file", "req/s",
-                 runs("peer_head_bucket"), runs("peer_get_copyparty"), ("ratio", 2.0)),
+        peer_row("5. HEAD /checksum against GET of a small file, %s" % one, "req/s",
+                 runs("peer_head_bucket_one"), runs("peer_get_copyparty"), ("ratio", 2.0)),
         peer_row("5. %s download by curl" % big, "MB/s", runs("peer_download_bucket"),
                  runs("peer_download_copyparty"), ("min", 1000)),
         upload_rss_row(ctx),
         startup_row(ctx),
+        peer_row("%s PUT, %s" % (small, one), "uploads/s", runs("peer_small_put_bucket_one"),
+                 runs("peer_small_put_copyparty")),
+        peer_row("server CPU per %s PUT, %s" % (small, one), "ms",
+                 runs("peer_cpu_small_put_bucket_one"), runs("peer_cpu_small_put_copyparty"),
+                 digits=3),
+        peer_row("%s multipart, %s" % (small, one), "uploads/s",
+                 runs("peer_small_multipart_bucket_one"),
+                 runs("peer_small_multipart_copyparty")),
         peer_row("%s PUT, http_bucket --fsync false (copyparty never fsyncs)" % small,
                  "uploads/s", runs("peer_small_put_bucket_nofsync"),
                  runs("peer_small_put_copyparty")),
         peer_row("server CPU per %s multipart upload" % small, "ms",
                  runs("peer_cpu_small_multipart_bucket"),
                  runs("peer_cpu_small_multipart_copyparty"), digits=3),
-        peer_row("GET of a small file, both (http_bucket: GET /checksum)", "req/s",
-                 runs("peer_get_bucket"), runs("peer_get_copyparty")),
-        peer_row("HEAD of a small file, both (Python generator)", "req/s",
-                 runs("peer_head_py_bucket"), runs("peer_head_py_copyparty")),
+        peer_row("GET of a small file, both (http_bucket: GET /checksum), %s" % one, "req/s",
+                 runs("peer_get_bucket_one"), runs("peer_get_copyparty")),
+        peer_row("HEAD of a small file, both (Python generator), %s" % one, "req/s",
+                 runs("peer_head_py_bucket_one"), runs("peer_head_py_copyparty")),
         peer_row("%s PUT, 3 digests (copyparty: sha512 alone)" % big, "MB/s",
                  runs("peer_big_put_bucket"), runs("peer_big_put_copyparty")),
+        peer_row("%s PUT, 3 digests, %s" % (big, one), "MB/s",
+                 runs("peer_big_put_bucket_one"), runs("peer_big_put_copyparty")),
         peer_row("%s multipart (copyparty: act=bput)" % big, "MB/s",
                  runs("peer_big_multipart_bucket"), runs("peer_big_multipart_copyparty")),
-        peer_row("peak RSS during the %s PUT" % big, "MiB", runs("peer_rss_big_put_bucket"),
-                 runs("peer_rss_big_put_copyparty"), digits=1),
+        peer_row("peak RSS during the %s PUT (the worker that took it)" % big, "MiB",
+                 runs("peer_rss_big_put_bucket"), runs("peer_rss_big_put_copyparty"), digits=1),
     ]
     if peer.get("skipped"):
         for row in rows:

@@ -145,6 +145,11 @@ SMALL_BODY = 4 * 1024 * 1024       # bodies up to this are hashed inline;
                                     # larger ones by one thread per digest
                                     # (threads for every 1 MiB upload took
                                     # 64 concurrent ones to 108 MiB RSS)
+WRITE_BACK_BYTES = 32 * 1024 * 1024  # a body this far past its last flush
+                                    # starts one in the background, so the
+                                    # disk writes while the body arrives and
+                                    # the fsync at its end waits for the tail
+                                    # alone (512 MiB PUT: 350 -> 570 MB/s)
 MAX_REQUEST_LINE = 8192             # bytes, like most servers' URL limit
 MAX_HEADER_LINE = 8192              # bytes per header line
 MAX_HEADERS = 100                   # header lines per request (http.client's)
@@ -1237,6 +1242,9 @@ class Digester:
     Small streams are hashed inline.  Past SMALL_BODY bytes each algorithm
     gets a thread of its own: hashlib releases the GIL on large buffers, so
     md5 (506 MB/s here), sha256 and sha512 (455 MB/s) run on all cores.
+    One digest alone gets its thread too: it hashes a block while the
+    request's thread reads and writes the next (``--digests sha256``, 512
+    MiB PUT: ~610 -> ~830 MB/s).
     ``update`` takes bytes or a memoryview of immutable bytes (the worker
     threads read it later).  ``hexdigests`` returns {name: hex}; ``close``
     stops the threads (safe to call twice).
@@ -1252,7 +1260,7 @@ class Digester:
 
     def update(self, data):
         self.size += len(data)
-        if self._queues is None and self.size > SMALL_BODY and len(self.hashes) > 1:
+        if self._queues is None and self.size > SMALL_BODY:
             self._start_threads()
         if self._queues:
             for work in self._queues:
@@ -1347,6 +1355,7 @@ class StagedBlob:
             self.fd = os.open(path, os.O_WRONLY | os.O_APPEND)
             self.size = os.fstat(self.fd).st_size
         self.digester = digester or Digester(store.algorithms)
+        self.write_back = WriteBack(self.fd) if store.config.fsync else None
 
     def write(self, data):
         """Hash and write ``data``.  Raises InsufficientStorage when it
@@ -1364,6 +1373,17 @@ class StagedBlob:
             raise_storage_error(exc)
         self.digester.update(data)
         self.size += len(data)
+        if self.write_back:
+            self.write_back.written(len(data))
+
+    def _stop_write_back(self):
+        """Wait for a background flush (before the fd is closed); raises
+        InsufficientStorage or the OSError it met."""
+        if self.write_back:
+            write_back, self.write_back = self.write_back, None
+            error = write_back.wait()
+            if error is not None:
+                raise_storage_error(error)
 
     def finish(self, sync=True):
         """Seal the file: returns {algorithm: hex}.
@@ -1373,6 +1393,7 @@ class StagedBlob:
         self.digests = self.digester.hexdigests()
         self.digester = None
         try:
+            self._stop_write_back()
             try:  # before fchmod: a user xattr needs write permission
                 os.setxattr(self.fd, XATTR_DIGESTS, blob_xattr(self.digests, self.filename))
             except (OSError, AttributeError):
@@ -1392,9 +1413,10 @@ class StagedBlob:
         it is fsynced, and its Digester (which has hashed every byte of it)
         is returned to hash the rest later."""
         try:
+            self._stop_write_back()
             if self.store.config.fsync:
                 os.fsync(self.fd)
-        except OSError:
+        except (OSError, InsufficientStorage):
             pass  # the size read back later says what is there
         finally:
             os.close(self.fd)
@@ -1413,6 +1435,9 @@ class StagedBlob:
         self.uncharge()
         if self.digester is not None:
             self.digester.close()
+        if self.write_back:
+            self.write_back.wait()  # its error does not matter: the file goes
+            self.write_back = None
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
@@ -1426,6 +1451,41 @@ class StagedBlob:
 
     def __exit__(self, *exc_info):
         self.discard()
+
+
+class WriteBack:
+    """Flushes a file being written in the background, one fdatasync at a
+    time, each WRITE_BACK_BYTES written: the page cache would otherwise
+    hold a whole large body until the final fsync, which then writes all
+    of it while the client waits (a 512 MiB PUT spent a third of its time
+    there).  The fd must stay open until ``wait`` returns, which also
+    returns the OSError a flush met: the kernel reports a write-back error
+    to one fsync only, so it is passed on rather than lost."""
+
+    def __init__(self, fd):
+        self.fd = fd
+        self.pending = 0
+        self.thread = None
+        self.error = None
+
+    def written(self, count):
+        self.pending += count
+        if self.pending >= WRITE_BACK_BYTES and not (self.thread and self.thread.is_alive()):
+            self.pending = 0
+            self.thread = threading.Thread(target=self._flush, name="write-back", daemon=True)
+            self.thread.start()
+
+    def _flush(self):
+        unpin_thread()  # mostly waiting for the disk; any core will do
+        try:
+            os.fdatasync(self.fd)
+        except OSError as exc:
+            self.error = self.error or exc
+
+    def wait(self):
+        if self.thread:
+            self.thread.join()
+        return self.error
 
 
 BlobInfo = collections.namedtuple("BlobInfo", "sha256 size digests new path")

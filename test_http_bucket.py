@@ -13,6 +13,7 @@ wait is bounded; one server is shared per class unless a test restarts it.
 """
 
 import concurrent.futures
+import errno
 import hashlib
 import io
 import os
@@ -25,6 +26,7 @@ import tempfile
 import threading
 import time
 import unittest
+from unittest import mock
 
 import http_bucket
 from http_bucket_testing import (
@@ -537,8 +539,8 @@ class StoreTest(unittest.TestCase):
         for store in self.stores:
             store.journal.close()
 
-    def make_store(self):
-        config = http_bucket.Config(directory=self.tmp.name, fsync=False)
+    def make_store(self, fsync=False):
+        config = http_bucket.Config(directory=self.tmp.name, fsync=fsync)
         store = http_bucket.Store(config)
         self.stores.append(store)
         store.journals.load()
@@ -591,6 +593,53 @@ class StoreTest(unittest.TestCase):
         for algorithm in ("md5", "sha256", "sha512"):
             self.assertEqual(reloaded.lookup(expected[algorithm]), sha256, algorithm)
         self.assertEqual(len(reloaded.blobs), 1)
+
+    def test_write_back_flushes_a_large_body_while_it_arrives(self):
+        """With fsync on, every WRITE_BACK_BYTES written start a background
+        fdatasync of the staged file (one at a time), before the final fsync."""
+        store = self.make_store(fsync=True)
+        flushed = []
+        real_fdatasync = os.fdatasync
+
+        def fdatasync(fd):
+            flushed.append((threading.current_thread().name, os.fstat(fd).st_size))
+            real_fdatasync(fd)
+        data = os.urandom(1024 * 1024)
+        with mock.patch.object(http_bucket, "WRITE_BACK_BYTES", 64 * 1024), \
+                mock.patch.object(os, "fdatasync", fdatasync):
+            with store.stage("x.bin") as staged:
+                for start in range(0, len(data), 16 * 1024):
+                    staged.write(data[start:start + 16 * 1024])
+                    if staged.write_back.thread:
+                        staged.write_back.thread.join()  # the next flush may start
+                self.assertEqual(len(flushed), 16)
+                self.assertEqual({name for name, _ in flushed}, {"write-back"})
+                self.assertEqual([size for _, size in flushed],
+                                 list(range(64 * 1024, len(data) + 1, 64 * 1024)))
+                digests = staged.finish()
+                info = store.publish(staged)
+        self.assertEqual(digests["sha256"], hashlib.sha256(data).hexdigest())
+        with open(store.blob_path(info.sha256), "rb") as handle:
+            self.assertEqual(handle.read(), data)
+
+    def test_write_back_error_reaches_finish(self):
+        """The kernel reports a write-back error to one fsync only: when the
+        background flush met it, finish raises it (ENOSPC as a 507)."""
+        store = self.make_store(fsync=True)
+        for error, raised in ((errno.EIO, OSError), (errno.ENOSPC, http_bucket.InsufficientStorage)):
+            def fdatasync(fd, error=error):
+                raise OSError(error, os.strerror(error))
+            with self.subTest(error=errno.errorcode[error]), \
+                    mock.patch.object(http_bucket, "WRITE_BACK_BYTES", 64 * 1024), \
+                    mock.patch.object(os, "fdatasync", fdatasync):
+                with store.stage("x.bin") as staged:
+                    staged.write(os.urandom(128 * 1024))
+                    with self.assertRaises(raised) as caught:
+                        staged.finish()
+                    if raised is OSError:
+                        self.assertEqual(caught.exception.errno, error)
+                    self.assertIsNone(staged.fd)  # closed, after the flush ended
+                self.assertEqual(files_under(store.staging_dir), [])
 
     def test_pins_across_journals_follow_time_order(self):
         """A pin kept forever is applied as it is read; an unpin from another
