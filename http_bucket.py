@@ -5899,7 +5899,14 @@ dialog::backdrop{background:rgba(0,0,0,.45)}
 .notice{border-left:4px solid var(--accent);padding:.4rem .8rem;background:var(--panel);margin:.5rem 0}
 .notice.bad{border-left-color:var(--bad)}
 @media (max-width:40rem){main{padding:.6rem}section.panel{padding:.7rem}
- th,td{padding:.25rem .35rem}header.top .who{margin-left:0}}
+ th,td{padding:.25rem .35rem}header.top .who{margin-left:0}
+ table.stack thead{position:absolute;width:1px;height:1px;overflow:hidden;clip:rect(0 0 0 0)}
+ table.stack tr{display:block;border-bottom:1px solid var(--line);padding:.3rem 0}
+ table.stack td{display:block;position:relative;border:0;padding:.1rem .35rem .1rem 5.2rem;
+  text-align:left;min-width:0;white-space:normal}
+ table.stack td::before{content:attr(data-label);position:absolute;left:.35rem;width:4.6rem;
+  color:var(--muted);font-size:.85rem}
+ table.stack td:empty{display:none}}
 """
 
 PAGE_JS = r""""use strict";
@@ -6648,9 +6655,10 @@ def uploads_table_html(entries, query, cursor):
                                                               escape(entry["name"])))
         meta = " ".join("<code>%s=%s</code>" % (escape(key), escape(value))
                         for key, value in sorted(entry["meta"].items()))
-        rows.append("<tr><td class='when'>%s</td><td class='name'>%s</td><td class='num'>%s</td>"
-                    "<td class='name'>%s</td><td>%s</td><td><span class='hash' title='%s'>%s"
-                    "</span></td></tr>" % (
+        rows.append("<tr><td class='when' data-label='when'>%s</td><td class='name' "
+                    "data-label='file'>%s</td><td class='num' data-label='size'>%s</td>"
+                    "<td class='name' data-label='names'>%s</td><td data-label='metadata'>%s</td>"
+                    "<td data-label='sha256'><span class='hash' title='%s'>%s</span></td></tr>" % (
                         time_html(parse_time(entry["time"], "time")), name,
                         size_html(entry["size"]), ", ".join(made), meta,
                         escape(entry["sha256"]), escape(entry["sha256"][:12])))
@@ -6668,7 +6676,7 @@ def uploads_table_html(entries, query, cursor):
         filtered = query.name or query.sha256 or query.meta or query.since or query.until
         return "<p class='muted'>%s</p>" % ("No uploads match." if filtered else
                                             "Nothing uploaded yet.")
-    return ("<div class='table-wrap'><table><thead><tr><th scope='col'>when (UTC)</th>"
+    return ("<div class='table-wrap'><table class='stack'><thead><tr><th scope='col'>when (UTC)</th>"
             "<th scope='col'>file</th><th scope='col'>size</th><th scope='col'>names</th>"
             "<th scope='col'>metadata</th><th scope='col'>sha256</th></tr></thead><tbody>%s"
             "</tbody></table></div>%s" % ("\n".join(rows), more))

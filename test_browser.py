@@ -271,7 +271,18 @@ class FindAndBrowseTest(BrowserTestCase):
             overflow = page.evaluate("document.documentElement.scrollWidth - "
                                      "document.documentElement.clientWidth")
             self.assertLessEqual(overflow, 0, "%s scrolls sideways at 390 px" % path)
+            # Nor does a table inside its box: the uploads stack into
+            # labelled rows (when, file, size, ...) on a phone.
+            boxes = page.evaluate("Array.from(document.querySelectorAll('.table-wrap'), "
+                                  "w => w.scrollWidth - w.clientWidth)")
+            if path != "/files/browse/":  # a listing's columns may scroll in their box
+                self.assertTrue(boxes, path)
+                self.assertLessEqual(max(boxes), 0, "%s: a table scrolls in its box" % path)
             if path == "/":
+                labels = page.evaluate("Array.from(document.querySelectorAll("
+                                       "'#uploads-table tbody tr:first-child td'), td => "
+                                       "getComputedStyle(td, '::before').content)")
+                self.assertEqual(labels[:3], ['"when"', '"file"', '"size"'])
                 print("screenshot:", save_screenshot(page, "phone"))
         page = self.page("/", color_scheme="dark")
         background = page.evaluate("getComputedStyle(document.body).backgroundColor")
