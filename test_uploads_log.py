@@ -217,7 +217,7 @@ class QueryTest(LogServerCase):
         self.assertEqual(len(found), 6)
         self.assertEqual(self.uploads(meta__parity="odd", meta__batch="nope")["uploads"], [])
         html = self.server.request("GET", "/uploads?meta=batch%%3D%s+parity%%3Deven" % self.tag)
-        self.assertEqual(html.body.decode().count("<tr><td class='when'>"), 6)
+        self.assertEqual(html.body.decode().count("<tr><td class='when' data-label='when'>"), 6)
 
     def test_since_and_until(self):
         ids = [rid for rid, _, _ in self.made]
