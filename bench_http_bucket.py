@@ -2661,7 +2661,7 @@ def measure_start(ctx, start, timeout):
             health = server.healthz()
         reconciled = time.monotonic() - server.started if health.get("reconciled") else None
         time.sleep(0.3)
-        pids = [server.pid] + children_of(server.pid)
+        pids = process_tree(server.pid)
         status = [proc_status(pid) for pid in pids]
         written = sum(proc_io(pid).get("write_bytes", 0) for pid in pids)
         return server, {"ready": ready, "reconciled": reconciled, "blobs": health.get("blobs"),
@@ -2673,14 +2673,6 @@ def measure_start(ctx, start, timeout):
     except BaseException:
         ctx.servers.stop(server, remove_dir=False)
         raise
-
-
-def children_of(pid):
-    try:
-        with open("/proc/%d/task/%d/children" % (pid, pid)) as handle:
-            return [int(child) for child in handle.read().split()]
-    except OSError:
-        return []
 
 
 def pss_kb(pid):

@@ -2333,6 +2333,13 @@ def write_snapshot(path, base, offsets, extra, sections=()):
     fsync_dir(os.path.dirname(path))
 
 
+def _file_id(path, st=None):
+    """What tells one file at ``path`` from the next one put there (its
+    stat ``st`` when the caller has it): inode, mtime, size."""
+    st = st or os.stat(path)
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 def read_snapshot(path, aliases):
     """(IndexBase mapped from ``path``, header, {section: memoryview}) or
     None when there is no such file; raises ValueError for one that is
@@ -2378,15 +2385,10 @@ def read_snapshot(path, aliases):
         base = IndexBase(keys, used, flags, table, int(header["count"]), int(header["bytes"]))
         if not isinstance(header["offsets"], dict):
             raise ValueError("no journal offsets")
-        header["file_id"] = (st.st_ino, st.st_mtime_ns, st.st_size)
+        header["file_id"] = _file_id(path, st)
         return base, header, views
     except (ValueError, KeyError, TypeError, IndexError) as exc:
         raise ValueError(str(exc) or exc.__class__.__name__)
-
-
-def _file_id(path):
-    st = os.stat(path)
-    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 class JournalSet:

@@ -13,7 +13,8 @@ import socket
 import tempfile
 import unittest
 
-from http_bucket_testing import POLL_TIMEOUT, files_under, start_server, wait_until
+from http_bucket_testing import (
+    POLL_TIMEOUT, files_under, read_raw_response, start_server, wait_until)
 
 FSYNC_OFF = ("--fsync", "false")  # speed: no test here outlives a power loss
 
@@ -142,13 +143,8 @@ class SharedDirectoryWorkersTests(SharedDirectoryTests):
                            for pid in workers for task in os.listdir("/proc/%d/task" % pid))
             wait_until(threads_on_every_core, POLL_TIMEOUT, what="a digest thread on every core")
             client.sendall(content[half:])
-            answer = b""
-            while True:  # Connection: close: the answer ends where the stream does
-                data = client.recv(65536)
-                if not data:
-                    break
-                answer += data
-        self.assertTrue(answer.startswith(b"HTTP/1.1 201"), answer[:200])
+            reply = read_raw_response(client.makefile("rb"))
+        self.assertEqual(reply.status, 201, reply.body[:200])
         digest = hashlib.sha512(content).hexdigest()
         self.assertEqual(self.b.request("HEAD", "/checksum/" + digest).status, 200)
 
